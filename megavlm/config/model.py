@@ -1,0 +1,130 @@
+"""Model configs: a vision encoder, a connector and a language model, composed per family."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from megavlm.config.schema import check
+
+
+@dataclass
+class VisionConfig:
+    """A ViT encoder (CLIP ViT-L/14-336 by default)."""
+
+    image_size: int = 336
+    patch_size: int = 14
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    ffn_hidden_size: int = 4096
+    activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    norm_eps: float = 1e-5
+    class_token: bool = True
+    pre_norm: bool = True          # CLIP's ln_pre before the first layer
+    patch_bias: bool = False
+    # Features are taken from this hidden state, HF-style: 0 = embeddings, -1 = last layer,
+    # -2 = second-to-last (LLaVA). Only the layers up to it are built and run.
+    feature_layer: int = -2
+    keep_class_token: bool = False  # LLaVA's "default" select strategy drops it
+
+    def __post_init__(self):
+        check(self.image_size % self.patch_size == 0, "vision.image_size",
+              f"{self.image_size} is not a multiple of patch_size {self.patch_size}")
+        check(self.hidden_size % self.num_heads == 0, "vision.num_heads",
+              f"hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads")
+        check(-self.num_layers - 1 <= self.feature_layer <= self.num_layers, "vision.feature_layer",
+              f"{self.feature_layer} is outside [-{self.num_layers + 1}, {self.num_layers}]")
+        check(self.layers_to_build >= 1, "vision.feature_layer", "selects the embeddings; at least one layer is needed")
+        check(not self.keep_class_token or self.class_token, "vision.keep_class_token",
+              "needs class_token: true")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def layers_to_build(self) -> int:
+        layer = self.feature_layer
+        return self.num_layers + 1 + layer if layer < 0 else layer
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.num_patches + (1 if self.keep_class_token else 0)
+
+
+@dataclass
+class LanguageConfig:
+    """A decoder-only LLM (Llama-style by default)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: Optional[int] = None   # None: multi-head attention
+    ffn_hidden_size: int = 11008
+    max_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    activation: Literal["swiglu", "gelu", "relu"] = "swiglu"
+    position_embedding: Literal["rope", "learned"] = "rope"
+    qkv_bias: bool = False
+    linear_bias: bool = False
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        check(self.hidden_size % self.num_heads == 0, "language.num_heads",
+              f"hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads")
+        check(self.num_heads % self.query_groups == 0, "language.num_kv_heads",
+              f"{self.num_heads} heads are not divisible by {self.query_groups} KV heads")
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class ConnectorConfig:
+    """Maps vision features to LLM embeddings."""
+
+    type: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
+    bias: bool = True
+
+
+@dataclass
+class ModelConfig:
+    family: Literal["llava"] = "llava"
+    flavor: str = ""
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    image_token_id: int = 32000
+    # Implementation of the transformer layers: chosen in models/common/layer_specs.py only.
+    transformer_impl: Literal["local", "te"] = "local"
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        check(0 <= self.image_token_id < self.language.vocab_size, "image_token_id",
+              f"{self.image_token_id} is outside the vocabulary (size {self.language.vocab_size})")
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel sizes; data parallelism takes the rest of the world."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    sequence_parallel: bool = False
+    # Uneven pipeline splits (megatron-core semantics); None: even split.
+    first_stage_layers: Optional[int] = None
+    last_stage_layers: Optional[int] = None
+
+    def __post_init__(self):
+        check(self.tensor_parallel >= 1, "parallel.tensor_parallel", "must be >= 1")
+        check(self.pipeline_parallel >= 1, "parallel.pipeline_parallel", "must be >= 1")

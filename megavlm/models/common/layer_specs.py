@@ -1,0 +1,103 @@
+"""The one place that chooses layer implementations (Principle 1).
+
+``local``: megatron-core's tensor-parallel linears, torch norms and SDPA core attention; runs on CPU
+and GPU. ``te``: megatron-core's Transformer Engine spec (fused LayerNorm+linear, fused attention,
+FP8); chosen only when the config asks for it, and an error if TE is not importable. Model code
+receives specs and never branches on the implementation.
+"""
+from __future__ import annotations
+
+import functools
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megavlm.models.common.attention import SDPAttention
+
+# Local norms live outside the linears; store them under TE's fused names so checkpoints move
+# freely between the local and TE implementations.
+_TE_COMPATIBLE_NORM_KEYS = {
+    "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def te_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+        from megatron.core.extensions import transformer_engine as _mte  # noqa: F401
+    except Exception:  # ImportError, or a TE build that does not match this torch/CUDA
+        return False
+    return True
+
+
+def _require_te(impl: str) -> None:
+    if impl == "te" and not te_available():
+        raise RuntimeError("transformer_impl: te was requested but Transformer Engine is not importable; "
+                           "install transformer-engine or use transformer_impl: local")
+    if impl not in ("local", "te"):
+        raise ValueError(f"unknown transformer_impl {impl!r} (expected 'local' or 'te')")
+
+
+def _local_layer(mask_type: AttnMaskType) -> ModuleSpec:
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=WrappedTorchNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": mask_type},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=SDPAttention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=WrappedTorchNorm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                                linear_fc2=RowParallelLinear)),
+            mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=dict(_TE_COMPATIBLE_NORM_KEYS),
+        ),
+    )
+
+
+def _te_layer(mask_type: AttnMaskType) -> ModuleSpec:
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    spec = get_gpt_layer_with_transformer_engine_spec()
+    spec.submodules.self_attention.params = {"attn_mask_type": mask_type}
+    return spec
+
+
+def decoder_layer_spec(impl: str) -> ModuleSpec:
+    """Causal self-attention layer of the language model."""
+    _require_te(impl)
+    return _local_layer(AttnMaskType.causal) if impl == "local" else _te_layer(AttnMaskType.causal)
+
+
+def encoder_layer_spec(impl: str) -> ModuleSpec:
+    """Bidirectional self-attention layer of the vision encoder."""
+    _require_te(impl)
+    return _local_layer(AttnMaskType.no_mask) if impl == "local" else _te_layer(AttnMaskType.no_mask)
+
+
+def norm_spec(impl: str):
+    """Stand-alone norm (ViT ln_pre, final norms): LayerNorm or RMSNorm per the config."""
+    _require_te(impl)
+    if impl == "te":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    return WrappedTorchNorm

@@ -1,0 +1,155 @@
+"""Tensor- and pipeline-parallel sharding of megavlm state dicts, shared by every family's adapter.
+
+A *full* state dict uses megavlm names with global decoder-layer indices and unsharded tensors in
+megatron-core's layouts (fused QKV interleaved per query group, ``[gate; up]`` for SwiGLU). A
+*local* state dict is what one (tp_rank, pp_rank) process's model holds. ``ShardingPlan`` moves
+between the two, so HF conversion is written once per family, against the full form.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from megavlm.parallel.layout import pipeline_layer_ranges
+
+# Megatron-core's parallel linears: column-parallel weights/biases split dim 0, row-parallel weights
+# split dim 1 (their biases are replicated). Matched against the key's last two name components.
+_COLUMN = re.compile(r"(linear_qkv|linear_q|linear_kv|linear_fc1)\.(weight|bias)$")
+_ROW = re.compile(r"(linear_proj|linear_fc2)\.weight$")
+_VOCAB = re.compile(r"(word_embeddings|output_layer)\.weight$")
+
+
+@dataclass
+class ShardingPlan:
+    tp_size: int = 1
+    pp_size: int = 1
+    num_layers: int = 0                      # decoder layers of the pipelined model
+    vocab_size: int = 0                      # true vocabulary (padding added for TP)
+    layer_prefix: str = "language_model.decoder.layers."
+    first_stage_prefixes: tuple[str, ...] = ("vision.", "connector.", "language_model.embedding.")
+    last_stage_prefixes: tuple[str, ...] = ("language_model.decoder.final_layernorm.", "language_model.output_layer.")
+    gated_prefixes: tuple[str, ...] = ("language_model.",)  # whose linear_fc1 holds [gate; up]
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
+    ranges: list[tuple[int, int]] = field(init=False)
+
+    def __post_init__(self):
+        self.ranges = pipeline_layer_ranges(self.num_layers, self.pp_size, self.first_stage_layers,
+                                            self.last_stage_layers)
+
+    # ---- pipeline placement -------------------------------------------------------------
+    def _layer_of(self, key: str) -> tuple[int, str] | None:
+        if not key.startswith(self.layer_prefix):
+            return None
+        index, rest = key[len(self.layer_prefix):].split(".", 1)
+        return int(index), rest
+
+    def stages_of(self, key: str) -> list[int]:
+        """Pipeline stages that hold ``key`` (full name)."""
+        layer = self._layer_of(key)
+        if layer is not None:
+            return [s for s, (a, b) in enumerate(self.ranges) if a <= layer[0] < b]
+        if key.startswith(self.first_stage_prefixes):
+            return [0]
+        if key.startswith(self.last_stage_prefixes):
+            return [self.pp_size - 1]
+        raise KeyError(f"no pipeline placement rule for state-dict key {key!r}")
+
+    def local_key(self, key: str, pp_rank: int) -> str:
+        layer = self._layer_of(key)
+        if layer is None:
+            return key
+        return f"{self.layer_prefix}{layer[0] - self.ranges[pp_rank][0]}.{layer[1]}"
+
+    def global_key(self, key: str, pp_rank: int) -> str:
+        layer = self._layer_of(key)
+        if layer is None:
+            return key
+        return f"{self.layer_prefix}{layer[0] + self.ranges[pp_rank][0]}.{layer[1]}"
+
+    # ---- tensor-parallel split ----------------------------------------------------------
+    def _rule(self, key: str) -> str:
+        if _VOCAB.search(key):
+            return "vocab"
+        if _COLUMN.search(key):
+            gated = key.endswith(("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")) and key.startswith(self.gated_prefixes)
+            return "glu" if gated else "column"
+        if _ROW.search(key):
+            return "row"
+        return "replicated"
+
+    def split(self, key: str, tensor: torch.Tensor, tp_rank: int) -> torch.Tensor:
+        rule, tp = self._rule(key), self.tp_size
+        if rule == "replicated" or tp == 1 and rule != "vocab":
+            return tensor
+        if rule == "vocab":
+            padded = -(-self.vocab_size // tp) * tp
+            if tensor.shape[0] != self.vocab_size:
+                raise ValueError(f"{key}: {tensor.shape[0]} rows, expected the vocabulary size {self.vocab_size}")
+            if padded != tensor.shape[0]:
+                tensor = torch.cat([tensor, tensor.new_zeros(padded - tensor.shape[0], *tensor.shape[1:])])
+            return tensor.chunk(tp, 0)[tp_rank]
+        dim = 1 if rule == "row" else 0
+        if tensor.shape[dim] % (2 * tp if rule == "glu" else tp):
+            raise ValueError(f"{key}: dimension {dim} of size {tensor.shape[dim]} is not divisible by TP={tp}"
+                             + (" (x2 for the gate and up halves)" if rule == "glu" else ""))
+        if rule == "glu":
+            gate, up = tensor.chunk(2, 0)
+            return torch.cat([gate.chunk(tp, 0)[tp_rank], up.chunk(tp, 0)[tp_rank]])
+        return tensor.chunk(tp, dim)[tp_rank]
+
+    def merge(self, key: str, shards: list[torch.Tensor]) -> torch.Tensor:
+        rule = self._rule(key)
+        if rule == "replicated" or len(shards) == 1 and rule != "vocab":
+            return shards[0]
+        if rule == "vocab":
+            return torch.cat(shards)[: self.vocab_size]
+        if rule == "glu":
+            gates, ups = zip(*(s.chunk(2, 0) for s in shards))
+            return torch.cat([*gates, *ups])
+        return torch.cat(shards, 0 if rule == "column" else 1)
+
+    # ---- whole state dicts --------------------------------------------------------------
+    def shard(self, full: dict[str, torch.Tensor], tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
+        """The local state dict of process (tp_rank, pp_rank)."""
+        return {self.local_key(k, pp_rank): self.split(k, v, tp_rank).clone()
+                for k, v in full.items() if pp_rank in self.stages_of(k)}
+
+    def unshard(self, shards: dict[tuple[int, int], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Merge every process's local state dict, keyed by (tp_rank, pp_rank), into the full one."""
+        missing = [(t, p) for t in range(self.tp_size) for p in range(self.pp_size) if (t, p) not in shards]
+        if missing:
+            raise ValueError(f"unshard needs every (tp_rank, pp_rank); missing {missing}")
+        full: dict[str, torch.Tensor] = {}
+        for pp_rank in range(self.pp_size):
+            for key in shards[(0, pp_rank)]:
+                name = self.global_key(key, pp_rank)
+                if name not in full:  # a tied output layer also sits on the last stage
+                    full[name] = self.merge(name, [shards[(t, pp_rank)][key] for t in range(self.tp_size)])
+        return full
+
+
+# ---- HF <-> megatron layouts ----------------------------------------------------------------
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_groups: int) -> torch.Tensor:
+    """HF q/k/v projections (weights [out, in] or biases [out]) -> megatron's fused QKV, which
+    interleaves per query group: [q heads of group 0, k0, v0, q heads of group 1, k1, v1, ...]."""
+    head_dim = q.shape[0] // num_heads
+    rest = q.shape[1:]
+    q = q.reshape(num_groups, num_heads // num_groups, head_dim, *rest)
+    k = k.reshape(num_groups, 1, head_dim, *rest)
+    v = v.reshape(num_groups, 1, head_dim, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+
+def split_qkv(qkv: torch.Tensor, num_heads: int, num_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of fuse_qkv."""
+    per_group = num_heads // num_groups + 2
+    head_dim = qkv.shape[0] // (num_groups * per_group)
+    rest = qkv.shape[1:]
+    grouped = qkv.reshape(num_groups, per_group, head_dim, *rest)
+    q = grouped[:, :-2].reshape(-1, *rest)
+    k = grouped[:, -2].reshape(-1, *rest)
+    v = grouped[:, -1].reshape(-1, *rest)
+    return q, k, v

@@ -1,0 +1,92 @@
+"""megavlm configs -> megatron-core TransformerConfig, for the language model and the ViT."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megavlm.config.model import LanguageConfig, ModelConfig, ParallelConfig, VisionConfig
+
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """CLIP's GELU approximation. megatron-core's copy is wrapped in torch.compile, which costs
+    seconds of compilation per process on CPU for an op this small."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+_LM_ACTIVATIONS = {"swiglu": (F.silu, True), "gelu": (F.gelu, False), "relu": (F.relu, False)}
+_VIT_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+
+
+def _common(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype, recompute: bool) -> dict:
+    return dict(
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # Fusions that need apex/CUDA extensions are off; layer_specs picks TE for the fused path.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        init_method_std=model.init_std,
+        # Loss is a token sum; the pipeline schedule and finalize_model_grads divide by the token
+        # count of the whole global batch (all micro-batches, all DP ranks).
+        calculate_per_token_loss=True,
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None,
+        recompute_num_layers=1 if recompute else None,
+        transformer_impl="transformer_engine" if model.transformer_impl == "te" else "local",
+    )
+
+
+def language_transformer_config(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype = torch.float32,
+                                recompute: bool = False, language: LanguageConfig | None = None) -> TransformerConfig:
+    lang = language or model.language
+    activation, gated = _LM_ACTIVATIONS[lang.activation]
+    return TransformerConfig(
+        num_layers=lang.num_layers,
+        hidden_size=lang.hidden_size,
+        num_attention_heads=lang.num_heads,
+        num_query_groups=lang.query_groups,
+        ffn_hidden_size=lang.ffn_hidden_size,
+        kv_channels=lang.head_dim,
+        normalization=lang.normalization,
+        layernorm_epsilon=lang.norm_eps,
+        gated_linear_unit=gated,
+        activation_func=activation,
+        add_bias_linear=lang.linear_bias,
+        add_qkv_bias=lang.qkv_bias or lang.linear_bias,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        num_layers_in_first_pipeline_stage=parallel.first_stage_layers,
+        num_layers_in_last_pipeline_stage=parallel.last_stage_layers,
+        **_common(model, parallel, dtype, recompute),
+    )
+
+
+def vision_transformer_config(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype = torch.float32,
+                              recompute: bool = False, vision: VisionConfig | None = None) -> TransformerConfig:
+    """The ViT lives whole on the first pipeline stage: its own pipeline size is 1."""
+    vis = vision or model.vision
+    return TransformerConfig(
+        num_layers=vis.layers_to_build,
+        hidden_size=vis.hidden_size,
+        num_attention_heads=vis.num_heads,
+        ffn_hidden_size=vis.ffn_hidden_size,
+        kv_channels=vis.hidden_size // vis.num_heads,
+        normalization="LayerNorm",
+        layernorm_epsilon=vis.norm_eps,
+        gated_linear_unit=False,
+        activation_func=_VIT_ACTIVATIONS[vis.activation],
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        pipeline_model_parallel_size=1,
+        **_common(model, parallel, dtype, recompute),
+    )

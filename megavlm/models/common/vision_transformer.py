@@ -1,0 +1,57 @@
+"""ViT encoder (CLIP ViT-L/14-336 shape) assembled from megatron-core's TransformerBlock."""
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megavlm.config.model import VisionConfig
+
+
+class VisionTransformer(MegatronModule):
+    """Patch embedding, optional class token, learned positions, pre-LN, bidirectional layers.
+
+    Only the layers up to ``vision.feature_layer`` are built (LLaVA reads the second-to-last
+    hidden state, so the last layer and the final norm would never run); the output is that
+    hidden state, [images, tokens, hidden], with the class token dropped unless kept.
+    """
+
+    def __init__(self, vision: VisionConfig, config: TransformerConfig, layer_spec: ModuleSpec, norm_impl,
+                 pg_collection=None):
+        super().__init__(config=config)
+        self.vision = vision
+        hidden = vision.hidden_size
+        self.patch_embed = torch.nn.Conv2d(3, hidden, kernel_size=vision.patch_size, stride=vision.patch_size,
+                                           bias=vision.patch_bias)
+        num_positions = vision.num_patches + (1 if vision.class_token else 0)
+        std = config.init_method_std
+        self.class_token = torch.nn.Parameter(torch.randn(hidden) * std) if vision.class_token else None
+        self.position_embeddings = torch.nn.Parameter(torch.randn(num_positions, hidden) * std)
+        self.ln_pre = (build_module(norm_impl, config=config, hidden_size=hidden, eps=vision.norm_eps)
+                       if vision.pre_norm else None)
+        self.encoder = TransformerBlock(config=config, spec=layer_spec, post_layer_norm=False, pre_process=True,
+                                        post_process=False, pg_collection=pg_collection)
+
+    def set_input_tensor(self, input_tensor):  # the ViT never receives pipeline input
+        pass
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        weight = self.patch_embed.weight
+        x = self.patch_embed(pixel_values.to(weight.dtype)).flatten(2).transpose(1, 2)  # [n, patches, h]
+        if self.class_token is not None:
+            x = torch.cat([self.class_token.expand(x.shape[0], 1, -1), x], dim=1)
+        x = x + self.position_embeddings
+        return self.ln_pre(x) if self.ln_pre is not None else x
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [n, 3, H, W] -> features [n, tokens_per_image, hidden]."""
+        expected = (3, self.vision.image_size, self.vision.image_size)
+        if tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(f"images have shape {tuple(pixel_values.shape[1:])}, the vision encoder expects {expected}")
+        x = self.embed(pixel_values).transpose(0, 1).contiguous()  # [s, n, h]
+        x = self.encoder(x, attention_mask=None).transpose(0, 1)
+        if self.class_token is not None and not self.vision.keep_class_token:
+            x = x[:, 1:]
+        return x

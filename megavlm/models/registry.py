@@ -1,0 +1,56 @@
+"""Model families by name: their flavors, model class and HF state-dict adapter."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from megavlm.config.model import ModelConfig
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    flavors: dict[str, Callable[[], ModelConfig]]
+    model_cls: type
+    adapter_cls: type
+    config_from_hf: Callable[[dict], ModelConfig]
+    config_to_hf: Callable[[ModelConfig], dict]
+    hf_class: str        # transformers class name of the HF reference
+    hf_model_type: str   # config.json "model_type" of that class
+    complete_for_hf: Callable  # (model_cfg, hf_state, reference) -> (hf_config, hf_state) loadable by HF
+
+
+def _llava() -> Family:
+    from megavlm.models import llava
+    from megavlm.models.llava import state_dict_adapter as adapter
+    from megavlm.models.llava.model import LlavaModel
+
+    return Family("llava", llava.FLAVORS, LlavaModel, adapter.LlavaStateDictAdapter, adapter.config_from_hf,
+                  adapter.config_to_hf, "LlavaForConditionalGeneration", "llava", adapter.complete_for_hf)
+
+
+_FAMILIES = {"llava": _llava}
+
+
+def get_family(name: str) -> Family:
+    try:
+        return _FAMILIES[name]()
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r}; known: {', '.join(sorted(_FAMILIES))}") from None
+
+
+def family_for_hf(hf_config: dict) -> Family:
+    """The family whose HF reference class wrote this config.json."""
+    model_type = hf_config.get("model_type")
+    for name in _FAMILIES:
+        family = get_family(name)
+        if family.hf_model_type == model_type:
+            return family
+    raise ValueError(f"no megavlm family converts HF model_type {model_type!r}")
+
+
+def flavor_config(family: str, flavor: str) -> ModelConfig:
+    flavors = get_family(family).flavors
+    if flavor not in flavors:
+        raise ValueError(f"unknown {family} flavor {flavor!r}; known: {', '.join(flavors)}")
+    return flavors[flavor]()

@@ -1,0 +1,112 @@
+"""One training (or evaluation) step over megatron-core's pipeline schedules.
+
+The schedule runs every micro-batch through all pipeline stages (1F1B when PP > 1). Losses are
+token *sums*; with ``calculate_per_token_loss`` megatron-core's ``finalize_model_grads`` divides the
+gradients by the supervised-token count of the whole global batch (all micro-batches, all DP
+ranks), and ``reduce_losses`` reports the matching per-token loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
+
+from megavlm.losses.lm_loss import masked_lm_loss
+
+LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor, dict]]
+
+
+def lm_loss_fn(vocab_size: int, tp_group) -> LossFn:
+    """Next-token loss on the last stage's logits: returns (sum, tokens, {name: [sum, tokens]})."""
+
+    def loss(logits: torch.Tensor, batch: dict):
+        total, tokens = masked_lm_loss(logits, batch["labels"], vocab_size, tp_group)
+        report = torch.stack([total.detach().float(), tokens.float()])
+        return total, tokens.int(), {"lm_loss": report}
+
+    return loss
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keyword arguments a model's forward takes from a batch."""
+    keys = ("input_ids", "images", "images_per_sample", "position_ids", "attention_mask", "packed_seq_params")
+    return {k: batch[k] for k in keys if k in batch}
+
+
+def _forward_step(loss_fn: LossFn, data_iterator: Iterator[dict], model):
+    batch = next(data_iterator)
+    output = model(**model_inputs(batch))
+    return output, partial(_apply_loss, loss_fn, batch)
+
+
+def _apply_loss(loss_fn: LossFn, batch: dict, output: torch.Tensor):
+    return loss_fn(output, batch)
+
+
+def configure_schedule(model_chunks: list, grad_scale_func=None) -> None:
+    """Hooks the schedule needs on the shared TransformerConfig (done once after wrapping in DDP)."""
+    config = get_model_config(model_chunks[0])
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = grad_scale_func
+    no_sync = [chunk.no_sync for chunk in model_chunks if hasattr(chunk, "no_sync")]
+    config.no_sync_func = (no_sync[0] if len(no_sync) == 1 else no_sync) or None
+
+
+@dataclass
+class StepResult:
+    losses: dict[str, float]         # per-token loss over the global batch, by name
+    tokens: int                      # supervised tokens in the global batch
+    grad_norm: float | None = None
+    skipped: bool = False
+
+
+def forward_backward(model_chunks: list, batches: list[dict], loss_fn: LossFn, seq_length: int,
+                     micro_batch_size: int, forward_only: bool = False) -> StepResult:
+    """Run all micro-batches in ``batches`` (this DP rank's share of the global batch)."""
+    schedule = get_forward_backward_func()
+    reports = schedule(
+        forward_step_func=partial(_forward_step, loss_fn),
+        data_iterator=iter(batches),
+        model=model_chunks,
+        num_microbatches=len(batches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+    return reduce_losses(reports)
+
+
+def reduce_losses(reports: list[dict]) -> StepResult:
+    """Sum [loss, tokens] pairs over micro-batches and DP ranks; share the result with all stages."""
+    names = sorted(reports[0]) if reports else []
+    totals = torch.stack([sum(r[n] for r in reports) for n in names]) if names else None
+    if parallel_state.is_pipeline_last_stage():
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    # Other stages learn names and values from the last stage.
+    payload = [names, totals.tolist() if totals is not None else None]
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    if dist.get_world_size(pp_group) > 1:
+        dist.broadcast_object_list(payload, src=parallel_state.get_pipeline_model_parallel_last_rank(), group=pp_group)
+    names, values = payload
+    losses = {n: v[0] / max(v[1], 1.0) for n, v in zip(names, values)}
+    tokens = int(values[0][1]) if values else 0
+    return StepResult(losses=losses, tokens=tokens)
+
+
+def train_step(model_chunks: list, optimizer, batches: list[dict], loss_fn: LossFn, seq_length: int,
+               micro_batch_size: int) -> StepResult:
+    for chunk in model_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    result = forward_backward(model_chunks, batches, loss_fn, seq_length, micro_batch_size)
+    ok, grad_norm, _ = optimizer.step()
+    result.grad_norm = float(grad_norm) if grad_norm is not None else None
+    result.skipped = not ok
+    return result

@@ -1,0 +1,44 @@
+"""Builds megavlm: the Python package, kernels/ as megavlm.kernels, csrc/ as megavlm._C."""
+from glob import glob
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import find_packages, setup
+
+ext_modules = [
+    Pybind11Extension(
+        "megavlm._C",
+        sorted(glob("csrc/*.cpp")),
+        cxx_std=17,
+        extra_compile_args=["-O3"],
+    )
+]
+
+setup(
+    name="megavlm",
+    version="0.1.0",
+    description="Megatron-style training system for vision-language models",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megavlm", "megavlm.*"]) + ["megavlm.kernels"],
+    package_dir={"megavlm.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext},
+    install_requires=[
+        # torch itself is installed first by tools/setup_env.sh (CPU: the pinned 2.13.0 build);
+        # a range here so pip never replaces the installed build.
+        "torch>=2.6",
+        "megatron-core==0.16.1",
+        "numpy>=1.24",
+        "pyyaml>=6",
+        "safetensors>=0.4",
+        "sentencepiece>=0.2",
+        "pillow>=10",
+        "psutil>=5.9",
+        "tensorboard>=2.14",
+        "rich>=13",
+    ],
+    extras_require={
+        "hf": ["transformers>=5,<6"],
+        "test": ["pytest>=8", "transformers>=5,<6"],
+    },
+    entry_points={"console_scripts": ["megavlm-train=megavlm.training.cli:main"]},
+)

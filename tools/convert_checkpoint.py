@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""Convert between HF checkpoints (local safetensors directories) and megavlm checkpoints.
+
+  hf-to-megavlm  --hf DIR --out CKPT      HF LlavaForConditionalGeneration -> megavlm dist checkpoint
+  megavlm-to-hf  --ckpt CKPT --out DIR    megavlm checkpoint -> HF directory (config.json + safetensors)
+
+A megavlm checkpoint is layout-independent: training loads it at any TP/PP. ``--verify`` builds
+both models, runs one random batch and prints max |logits difference| (exit code 1 above the
+tolerance). Nothing is downloaded; the HF side is read from and written to local disk.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+def _single_process():
+    from megavlm.config.model import ParallelConfig
+    from megavlm.parallel import init as pinit
+
+    return pinit.initialize(ParallelConfig(), seed=0), pinit.process_groups()
+
+
+def _build(model_cfg, dtype):
+    from megavlm.config.model import ParallelConfig
+    from megavlm.training.build import build_model
+
+    ctx, pgs = _single_process()
+    return build_model(model_cfg, ParallelConfig(), ctx, pgs, dtype=dtype).eval()
+
+
+def hf_to_megavlm(args) -> Path:
+    from megavlm.models.common.hf_io import read_hf_dir
+    from megavlm.models.registry import family_for_hf
+    from megavlm.training.build import load_local_state
+    from megavlm.training.checkpoint import save_model
+
+    hf_config, hf_state = read_hf_dir(args.hf)
+    family = family_for_hf(hf_config)
+    model_cfg = family.config_from_hf(hf_config, flavor=args.flavor or Path(args.hf).name)
+    model = _build(model_cfg, DTYPES[args.dtype])
+    adapter = family.adapter_cls(model_cfg)
+    load_local_state(model, {k: v.to(DTYPES[args.dtype]) for k, v in adapter.hf_to_megavlm(hf_state).items()})
+    unused = adapter.unused_hf_keys(hf_state)
+    save_model(model, model_cfg, args.out)
+    print(f"wrote megavlm checkpoint {args.out} ({family.name}, {sum(p.numel() for p in model.parameters()):,} "
+          f"parameters); {len(unused)} HF tensors the model never uses were left out"
+          + (f" (e.g. {unused[0]})" if unused else ""))
+    return Path(args.out)
+
+
+def megavlm_to_hf(args) -> Path:
+    from megavlm.models.common.hf_io import read_hf_dir, write_hf_dir
+    from megavlm.models.registry import get_family
+    from megavlm.training.checkpoint import load_model, read_model_config
+
+    model_cfg = read_model_config(args.ckpt)
+    family = get_family(model_cfg.family)
+    model = _build(model_cfg, DTYPES[args.dtype])
+    load_model(model, args.ckpt)
+    tensors = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    hf_state = family.adapter_cls(model_cfg).megavlm_to_hf({(0, 0): tensors})
+    reference = read_hf_dir(args.hf_reference)[1] if args.hf_reference else None
+    hf_config, hf_state = family.complete_for_hf(model_cfg, hf_state, reference)
+    hf_config["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype]
+    write_hf_dir(args.out, hf_config, hf_state)
+    print(f"wrote HF checkpoint {args.out} ({family.hf_class}, {len(hf_state)} tensors)")
+    return Path(args.out)
+
+
+def verify(hf_dir: Path, ckpt: Path, dtype: torch.dtype, seed: int = 0) -> float:
+    """max |logits(HF) - logits(megavlm)| on a random batch with one and two images."""
+    import transformers
+
+    from megavlm.data.synthetic import synthetic_batches
+    from megavlm.models.registry import get_family
+    from megavlm.training.checkpoint import load_model, read_model_config
+
+    model_cfg = read_model_config(ckpt)
+    model = _build(model_cfg, dtype)
+    load_model(model, ckpt)
+    hf_cls = getattr(transformers, get_family(model_cfg.family).hf_class)
+    hf = hf_cls.from_pretrained(str(hf_dir), dtype=dtype, local_files_only=True).eval()
+    seq = 16 + 2 * model_cfg.vision.tokens_per_image
+    batch = synthetic_batches(model_cfg, 2, seq, micro_batch_size=2, seed=seed, image_pattern=(1, 2))[0]
+    with torch.no_grad():
+        ref = hf(input_ids=batch["input_ids"], pixel_values=batch["images"].to(dtype)).logits.float()
+        out = model(batch["input_ids"], images=batch["images"], images_per_sample=batch["images_per_sample"])
+    return (out[..., : ref.shape[-1]].float() - ref).abs().max().item()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="direction", required=True)
+    to_m = sub.add_parser("hf-to-megavlm", help="HF directory -> megavlm checkpoint")
+    to_m.add_argument("--hf", required=True, help="local HF checkpoint directory (config.json + *.safetensors)")
+    to_m.add_argument("--out", required=True, help="megavlm checkpoint directory to write")
+    to_m.add_argument("--flavor", default=None, help="name recorded in the config (default: the HF directory name)")
+    to_h = sub.add_parser("megavlm-to-hf", help="megavlm checkpoint -> HF directory")
+    to_h.add_argument("--ckpt", required=True, help="megavlm checkpoint directory")
+    to_h.add_argument("--out", required=True, help="HF directory to write")
+    to_h.add_argument("--hf-reference", default=None,
+                      help="the original HF checkpoint: copies the ViT layers megavlm does not hold")
+    for p in (to_m, to_h):
+        p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+        p.add_argument("--verify", action="store_true", help="compare logits of both models on a random batch")
+    args = parser.parse_args(argv)
+
+    if args.direction == "hf-to-megavlm":
+        hf_dir, ckpt = Path(args.hf), hf_to_megavlm(args)
+    else:
+        ckpt, hf_dir = Path(args.ckpt), megavlm_to_hf(args)
+    if args.verify:
+        dtype = DTYPES[args.dtype]
+        diff = verify(hf_dir, ckpt, dtype)
+        ok = diff <= TOLERANCE[dtype]
+        print(f"verify: max |logits(HF) - logits(megavlm)| = {diff:.3e} ({args.dtype}, tolerance "
+              f"{TOLERANCE[dtype]:.0e}): {'OK' if ok else 'MISMATCH'}")
+        return 0 if ok else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
