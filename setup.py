@@ -40,5 +40,5 @@ setup(
         "hf": ["transformers>=5,<6"],
         "test": ["pytest>=8", "transformers>=5,<6"],
     },
-    entry_points={"console_scripts": ["megavlm-train=megavlm.training.cli:main"]},
+    entry_points={"console_scripts": ["megavlm-train=megavlm.train:main"]},
 )

@@ -111,3 +111,24 @@ def parallel_runs(single_process, tmp_path_factory):
     results = {name: torch.load(tmp / f"{name}.pt") for name in ("tp1_pp1", "tp2_pp1", "tp1_pp2", "tp2_pp2")}
     return {"cfg": cfg, "hf": hf, "hf_state": hf_state, "results": results, "ckpt": tmp / "ckpt",
             "ref": reference_step(single_process, cfg, hf_state)}
+
+
+# ---- the embedded dataset, small, and recipes pointing at it ---------------------------------
+QUICKSTART = ROOT / "examples" / "recipes" / "quickstart"
+
+
+@pytest.fixture(scope="session")
+def small_embedded(tmp_path_factory) -> Path:
+    from megavlm.data.embedded import generate
+
+    out = tmp_path_factory.mktemp("embedded")
+    generate(out, seed=0, splits={"train": 768, "val": 48, "test": 48})
+    return out
+
+
+def data_overrides(data_dir: Path, captions: bool = True) -> list[str]:
+    kind = "captions" if captions else "conversations"
+    ext = "jsonl" if captions else "json"
+    return [f"data.embedded=null", f"data.train={data_dir}/{kind}_train.{ext}",
+            f"data.validation={data_dir}/{kind}_val.{ext}", f"data.tokenizer={data_dir}/tokenizer.model",
+            f"eval.captions={data_dir}/captions_test.jsonl", "logging.progress=false"]

@@ -1,51 +1,218 @@
-"""megavlm checkpoints: megatron-core dist_checkpointing (layout-independent: saved at any TP/PP,
-loaded at any other) plus the model config as YAML beside it."""
+"""megavlm checkpoints on megatron-core dist_checkpointing.
+
+A checkpoint directory holds ``model/`` (a dist checkpoint: model shards, optimizer state and
+per-rank RNG states; layout-independent, so it loads at any TP/PP), ``model.yaml`` (the model
+config) and ``trainer_state.json`` (step, data position, LR-scheduler state, skip counts,
+metrics). Saves are atomic: everything is written into ``.tmp-step_N`` and renamed to ``step_N``
+only after every rank finished, so a save killed half-way never looks complete and the previous
+checkpoint still loads. Retention keeps the last K and the best K by a validation metric.
+"""
 from __future__ import annotations
 
+import json
+import logging
 import os
+import random
+import re
+import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
 
 from megavlm.config.model import ModelConfig
+from megavlm.config.recipe import CheckpointConfig
 from megavlm.config.schema import from_dict, to_dict
 from megavlm.training.build import load_local_state
 
+log = logging.getLogger(__name__)
+
 MODEL_SUBDIR = "model"
 MODEL_CONFIG_FILE = "model.yaml"
+TRAINER_STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-def _is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ---- model-only checkpoints (converter, stage initialisation) -------------------------------
 def save_model(model: torch.nn.Module, model_cfg: ModelConfig, path: str | Path) -> None:
     """Collective: every rank writes its shards of ``model`` (an unwrapped model chunk)."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)
-    if _is_rank0():
+    if _rank() == 0:
         (path / MODEL_SUBDIR).mkdir(parents=True, exist_ok=True)
         (path / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(to_dict(model_cfg), sort_keys=False))
-    if dist.is_initialized():
-        dist.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(path / MODEL_SUBDIR))
+    _barrier()
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(path / MODEL_SUBDIR))
 
 
 def read_model_config(path: str | Path) -> ModelConfig:
-    file = Path(path) / MODEL_CONFIG_FILE
+    file = resolve_checkpoint(path) / MODEL_CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file} does not exist: not a megavlm checkpoint directory")
     return from_dict(ModelConfig, yaml.safe_load(file.read_text()), source=str(file))
 
 
-def load_model(model: torch.nn.Module, path: str | Path) -> None:
-    """Collective: fills ``model`` (any TP/PP layout) from the checkpoint at ``path``."""
-    from megatron.core import dist_checkpointing
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run's checkpoint root (then its latest complete checkpoint)."""
+    path = Path(path)
+    if (path / MODEL_SUBDIR).is_dir():
+        return path
+    steps = sorted((int(m.group(1)), child) for child in (path.iterdir() if path.is_dir() else [])
+                   if (m := _STEP_DIR.match(child.name)) and (child / TRAINER_STATE_FILE).is_file())
+    if not steps:
+        raise FileNotFoundError(f"{path} is neither a megavlm checkpoint nor a directory of complete checkpoints")
+    return steps[-1][1]
 
-    model_dir = Path(path) / MODEL_SUBDIR
+
+def _require_dist_checkpoint(path: Path) -> Path:
+    model_dir = path / MODEL_SUBDIR
     if not (model_dir / "metadata.json").is_file():
         raise FileNotFoundError(f"{model_dir} holds no dist checkpoint (metadata.json is missing)")
-    load_local_state(model, dist_checkpointing.load(model.sharded_state_dict(), os.fspath(model_dir)))
+    return model_dir
+
+
+def load_model(model: torch.nn.Module, path: str | Path) -> None:
+    """Collective: fills ``model`` (any TP/PP layout) from the checkpoint at ``path``; the
+    optimizer state a training checkpoint also holds is not read."""
+    from megatron.core import dist_checkpointing
+
+    model_dir = _require_dist_checkpoint(resolve_checkpoint(path))
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, os.fspath(model_dir))
+    load_local_state(model, state["model"])
+
+
+# ---- RNG ---------------------------------------------------------------------------------------
+def rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded_object(world_size: int):
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject("rng_state", rng_state(), (world_size,), (_rank(),), replica_id=0)
+
+
+# ---- training checkpoints ---------------------------------------------------------------------
+class CheckpointManager:
+    def __init__(self, cfg: CheckpointConfig, model_cfg: ModelConfig, recipe_yaml: str = ""):
+        if not cfg.dir:
+            raise ValueError("checkpoint.dir is required to save or resume")
+        self.cfg, self.model_cfg, self.recipe_yaml = cfg, model_cfg, recipe_yaml
+        self.root = Path(cfg.dir)
+
+    # -- discovery --
+    def completed(self) -> list[tuple[int, Path]]:
+        """(step, path) of complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for child in self.root.iterdir():
+            match = _STEP_DIR.match(child.name)
+            if match and (child / TRAINER_STATE_FILE).is_file():
+                found.append((int(match.group(1)), child))
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        done = self.completed()
+        return done[-1][1] if done else None
+
+    # -- save --
+    def _sharded_state(self, model, optimizer, world_size: int, loading: bool = False) -> dict:
+        model_sd = model.sharded_state_dict()
+        state = {"model": model_sd, "rng_state": _rng_sharded_object(world_size)}
+        if optimizer is not None:
+            state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading)
+        return state
+
+    def save(self, step: int, model, optimizer, trainer_state: dict) -> Path:
+        """Collective. ``model`` is the unwrapped chunk; trainer_state must be JSON-serialisable."""
+        from megatron.core import dist_checkpointing
+
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        final = self.root / f"step_{step:08d}"
+        tmp = self.root / f".tmp-step_{step:08d}"
+        if _rank() == 0:
+            for stale in self.root.glob(".tmp-step_*"):  # left by a save that was killed
+                shutil.rmtree(stale, ignore_errors=True)
+            (tmp / MODEL_SUBDIR).mkdir(parents=True, exist_ok=True)
+        _barrier()
+        dist_checkpointing.save(self._sharded_state(model, optimizer, world), str(tmp / MODEL_SUBDIR))
+        _barrier()
+        if _rank() == 0:
+            (tmp / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(to_dict(self.model_cfg), sort_keys=False))
+            if self.recipe_yaml:
+                (tmp / "recipe.yaml").write_text(self.recipe_yaml)
+            state = dict(trainer_state, step=step, world_size=world)
+            (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2))  # written last
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._retain()
+        _barrier()
+        return final
+
+    def _retain(self) -> None:
+        done = self.completed()
+        keep = {path for _, path in done[-self.cfg.keep_last:]}
+        if self.cfg.keep_best:
+            scored = []
+            for _, path in done:
+                metric = json.loads((path / TRAINER_STATE_FILE).read_text()).get("metrics", {}).get(self.cfg.best_metric)
+                if metric is not None:
+                    scored.append((metric, path))
+            scored.sort(key=lambda mp: mp[0], reverse=self.cfg.best_mode == "max")
+            keep |= {path for _, path in scored[: self.cfg.keep_best]}
+        for _, path in done:
+            if path not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    # -- load --
+    def load(self, path: Path, model, optimizer) -> dict:
+        """Collective: restores model, optimizer and (same world size) RNG; returns trainer state."""
+        from megatron.core import dist_checkpointing
+
+        trainer_state = json.loads((path / TRAINER_STATE_FILE).read_text())
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        template = self._sharded_state(model, optimizer, world, loading=True)
+        same_world = trainer_state.get("world_size") == world
+        if not same_world:
+            template.pop("rng_state")
+        state = dist_checkpointing.load(template, os.fspath(_require_dist_checkpoint(path)))
+        load_local_state(model, state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        if same_world:
+            set_rng_state(state["rng_state"])
+        else:
+            log.warning("checkpoint %s was written by %s processes, this run has %s: RNG states not restored",
+                        path, trainer_state.get("world_size"), world)
+        return trainer_state

@@ -82,10 +82,38 @@ class LlavaStateDictAdapter:
             full.pop("language_model.output_layer.weight", None)
         return self.full_to_hf(full)
 
+    def components_to_megavlm(self, sources: dict[str, dict], tp_rank: int = 0, pp_rank: int = 0) -> dict:
+        """Local state of the components taken from stand-alone HF models: ``vision`` from a CLIP
+        (vision) checkpoint, ``llm`` from a Llama checkpoint. A vocabulary smaller than the
+        model's (Vicuna's 32000 vs LLaVA's 32064 with <image>) is padded with the mean embedding."""
+        full: dict = {}
+        if "vision" in sources:
+            clip = {k[len("vision_model."):]: v for k, v in sources["vision"].items() if k.startswith("vision_model.")}
+            hf_blocks.clip_vision_to_megavlm(clip, "", full, "vision.", self.model.vision)
+        if "llm" in sources:
+            hf_blocks.llama_to_megavlm(sources["llm"], "model.", "lm_head.weight", full, "language_model.", self.model.language)
+            for key in ("language_model.embedding.word_embeddings.weight", "language_model.output_layer.weight"):
+                if key in full:
+                    full[key] = _pad_rows(full[key], self.model.language.vocab_size, key)
+        unknown = set(sources) - {"vision", "llm"}
+        if unknown:
+            raise ValueError(f"LLaVA loads stand-alone HF checkpoints for 'vision' and 'llm' only, not {sorted(unknown)}")
+        return self.plan.shard(full, tp_rank, pp_rank)
+
     def unused_hf_keys(self, hf: dict) -> list[str]:
         """HF tensors megavlm does not hold: vision layers past the feature layer, the final norm."""
         used = set(self.full_to_hf(self.hf_to_full(hf)))
         return sorted(k for k in normalize_hf_names(hf) if k not in used)
+
+
+def _pad_rows(weight: torch.Tensor, vocab_size: int, key: str) -> torch.Tensor:
+    if weight.shape[0] > vocab_size:
+        raise ValueError(f"{key}: the HF checkpoint has {weight.shape[0]} vocabulary rows, more than "
+                         f"model.language.vocab_size={vocab_size}")
+    if weight.shape[0] == vocab_size:
+        return weight
+    extra = weight.float().mean(0, keepdim=True).expand(vocab_size - weight.shape[0], -1).to(weight.dtype)
+    return torch.cat([weight, extra])
 
 
 def config_from_hf(hf_config: dict, flavor: str = "hf") -> ModelConfig:

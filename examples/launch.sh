@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# torchrun wrapper shared by the launch scripts: one call per node.
+#   bash examples/launch.sh RECIPE [--resume] [key=value ...]
+# Node layout from the environment, else from Slurm (one task per node under srun), else one node:
+#   GPUS         processes on this node   (default: visible GPUs, or 1 without GPUs)
+#   NNODES       nodes                    (default: SLURM_NNODES or 1)
+#   NODE_RANK    this node's index        (default: SLURM_NODEID or 0)
+#   MASTER_ADDR  rendezvous host          (default: first host of SLURM_JOB_NODELIST, or localhost)
+#   MASTER_PORT  rendezvous port          (default: 29500)
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-$REPO/.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+
+if [ -z "${GPUS:-}" ]; then
+  GPUS=$(nvidia-smi -L 2>/dev/null | wc -l || true)
+  [ "${GPUS:-0}" -gt 0 ] || GPUS=1
+fi
+NNODES=${NNODES:-${SLURM_NNODES:-1}}
+NODE_RANK=${NODE_RANK:-${SLURM_NODEID:-0}}
+if [ -z "${MASTER_ADDR:-}" ]; then
+  if [ -n "${SLURM_JOB_NODELIST:-}" ] && command -v scontrol >/dev/null; then
+    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  elif [ -n "${SLURM_JOB_NODELIST:-}" ]; then  # "gpu[003-004,010],cpu1" -> "gpu003"
+    MASTER_ADDR=$(echo "$SLURM_JOB_NODELIST" | sed -E 's/^([^,[]+)(\[([^],-]+)[^]]*\])?.*/\1\3/')
+  else
+    MASTER_ADDR=localhost
+  fi
+fi
+MASTER_PORT=${MASTER_PORT:-29500}
+# torchrun sets RANK/WORLD_SIZE for its children; drop Slurm's per-task ranks so they do not compete.
+unset SLURM_PROCID SLURM_NTASKS SLURM_LOCALID
+
+echo "megavlm: node ${NODE_RANK}/${NNODES}, ${GPUS} processes, master ${MASTER_ADDR}:${MASTER_PORT}: $*"
+exec "$PY" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS" \
+  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" -m megavlm.train "$@"

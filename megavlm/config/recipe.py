@@ -1,0 +1,194 @@
+"""A recipe: one training stage, fully described (a YAML file is a serialised ``Recipe``).
+
+``model`` starts from a named flavor (``family`` + ``flavor``); every other key under ``model``
+overrides that flavor's value. Unknown keys and bad values anywhere are errors naming the key and
+the file; ``key=value`` overrides from the command line are validated the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+from megavlm.config.model import ModelConfig, ParallelConfig
+from megavlm.config.schema import ConfigError, apply_overrides, check, from_dict, to_dict
+
+COMPONENT_NAMES = ("vision", "connector", "fusion", "llm", "lora")
+
+
+@dataclass
+class StageConfig:
+    """What trains in this stage, and from where it starts."""
+
+    name: str = "stage"
+    trainable: list[str] = field(default_factory=lambda: ["connector"])
+    # Per-component learning rate and weight decay; components not listed use optimizer.lr / .weight_decay.
+    lr: dict[str, float] = field(default_factory=dict)
+    weight_decay: dict[str, float] = field(default_factory=dict)
+    init_from: Optional[str] = None      # a megavlm checkpoint (any TP/PP layout): model weights only
+    init_from_hf: Optional[str] = None   # or an HF checkpoint directory of the same family
+    # or stand-alone pretrained parts, e.g. {vision: /models/clip-vit-large-patch14-336, llm: /models/vicuna-7b-v1.5}
+    # (HF directories); components not listed keep their random initialisation (the connector)
+    init_components_from_hf: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for key, names in (("stage.trainable", self.trainable), ("stage.lr", list(self.lr)),
+                           ("stage.weight_decay", list(self.weight_decay))):
+            unknown = [n for n in names if n not in COMPONENT_NAMES]
+            check(not unknown, key, f"unknown component(s) {unknown}; known: {', '.join(COMPONENT_NAMES)}")
+        check(bool(self.trainable), "stage.trainable", "at least one component must train")
+        sources = [bool(self.init_from), bool(self.init_from_hf), bool(self.init_components_from_hf)]
+        check(sum(sources) <= 1, "stage.init_from",
+              "give one of init_from, init_from_hf, init_components_from_hf")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.0         # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: Optional[int] = None
+    warmup_ratio: Optional[float] = None  # of the total steps; used when warmup_steps is unset
+    distributed: bool = False         # megatron-core's distributed optimizer (ZeRO-1 over DP)
+
+    def __post_init__(self):
+        check(self.lr > 0, "optimizer.lr", "must be positive")
+        check(0 <= self.min_lr_ratio <= 1, "optimizer.min_lr_ratio", "must be in [0, 1]")
+        check(self.warmup_ratio is None or 0 <= self.warmup_ratio < 1, "optimizer.warmup_ratio", "must be in [0, 1)")
+        check(self.warmup_steps is None or self.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    format: Literal["captions", "conversations"] = "captions"
+    train: str = ""                      # path of the training file (JSONL captions or JSON conversations)
+    validation: Optional[str] = None
+    test: Optional[str] = None
+    root: Optional[str] = None           # image paths are relative to it (default: the file's folder)
+    tokenizer: str = ""
+    template: str = "plain"
+    embedded: Optional[str] = None       # generate the embedded dataset here first (quick start)
+    num_workers: int = 0
+    max_skip_fraction: float = 0.01      # stop when more than this fraction of samples is bad
+    shuffle: bool = True
+
+    def __post_init__(self):
+        check(0 <= self.max_skip_fraction <= 1, "data.max_skip_fraction", "must be in [0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 32
+    micro_batch_size: int = 4
+    seq_length: int = 128
+    epochs: float = 1.0
+    max_steps: Optional[int] = None      # overrides epochs when set
+    exit_at_step: Optional[int] = None   # stop at this step with a checkpoint (e.g. before a time limit); resume later
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    recompute: bool = False
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: Optional[int] = None  # steps between validation passes; None: only at the end
+    eval_samples: int = 200              # validation samples per pass
+
+    def __post_init__(self):
+        check(self.global_batch_size % self.micro_batch_size == 0, "train.global_batch_size",
+              f"{self.global_batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
+        check(self.epochs > 0, "train.epochs", "must be positive")
+        check(self.max_steps is None or self.max_steps > 0, "train.max_steps", "must be positive")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""
+    save_interval: Optional[int] = None  # steps
+    save_every_epoch: bool = False
+    keep_last: int = 2
+    keep_best: int = 0
+    best_metric: str = "val/loss"
+    best_mode: Literal["min", "max"] = "min"
+
+    def __post_init__(self):
+        check(self.keep_last >= 1, "checkpoint.keep_last", "must keep at least the last checkpoint")
+        check(self.keep_best >= 0, "checkpoint.keep_best", "must be >= 0")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    dir: Optional[str] = None            # default: <checkpoint.dir>/tensorboard
+    progress: bool = True                # rich progress line with ETA on rank 0
+
+
+@dataclass
+class EvalConfig:
+    """Held-out metrics at the end of the stage (and every train.eval_interval steps)."""
+
+    captions: Optional[str] = None       # captions JSONL: teacher-forced caption token accuracy
+    vqa: Optional[str] = None            # conversations JSON: greedy VQA exact match on the first turn
+    blank_image_baseline: bool = True    # also score the same model given a blank image
+    max_samples: int = 200
+    max_new_tokens: int = 8
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _resolve_model(data: dict, source: str) -> dict:
+    """``model: {family, flavor, ...overrides}`` -> the full model dict of that flavor, overridden."""
+    from megavlm.models.registry import flavor_config
+
+    model = data.get("model")
+    if model is None:
+        raise ConfigError(f"missing key 'model' in {source}")
+    if not isinstance(model, dict):
+        raise ConfigError(f"bad value {model!r} for 'model' in {source}: expected a mapping")
+    family, flavor = model.get("family", "llava"), model.get("flavor")
+    if flavor is None:
+        raise ConfigError(f"missing key 'model.flavor' in {source}")
+    try:
+        base = to_dict(flavor_config(family, flavor))
+    except ValueError as err:
+        raise ConfigError(f"bad value for 'model.flavor' in {source}: {err}") from None
+    return dict(data, model=_merge(base, model))
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    data = apply_overrides(data, list(overrides))
+    source = str(path) + (" (with command-line overrides)" if overrides else "")
+    return from_dict(Recipe, _resolve_model(data, source), source=source)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)

@@ -1,0 +1,283 @@
+"""The training loop of one stage: build from a recipe, train, evaluate, checkpoint, resume."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallelConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megavlm.config.recipe import Recipe, dump_recipe
+from megavlm.config.schema import ConfigError
+from megavlm.data import embedded
+from megavlm.data.datasets import CaptionDataset, ConversationDataset
+from megavlm.data.loader import FixedShapeCollate, SkipCounter, StepLoader
+from megavlm.data.sampler import GlobalBatchSampler, SamplerState
+from megavlm.data.templates import ConversationEncoder, get_template
+from megavlm.data.tokenizer import load_tokenizer
+from megavlm.eval.vlm_eval import EvalContext, evaluate_vlm, validation_loss
+from megavlm.models.common.hf_io import read_hf_dir
+from megavlm.models.common.tags import component_of
+from megavlm.models.registry import get_family
+from megavlm.parallel import init as pinit
+from megavlm.training.build import build_model, load_local_state, wrap_ddp
+from megavlm.training.checkpoint import CheckpointManager, load_model
+from megavlm.training.flops import peak_flops, sample_flops
+from megavlm.training.logging import MetricsLogger
+from megavlm.training.stages import apply_stage, megatron_optimizer_config, optimizer_groups, set_train_mode
+from megavlm.training.step import configure_schedule, lm_loss_fn, train_step
+
+log = logging.getLogger(__name__)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SKIP_REASONS = ("missing_image", "corrupt_image", "bad_image_shape", "malformed_record", "image_tag_mismatch",
+                "over_length", "template_mismatch")
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, resume: bool = False):
+        self.recipe = recipe
+        self.ctx = pinit.initialize(recipe.parallel, seed=recipe.train.seed)
+        self.pgs = pinit.process_groups()
+        self.dtype = DTYPES[recipe.train.dtype]
+        self.tokenizer = self._tokenizer()
+        self.model = self._build_model()
+        self.ddp = wrap_ddp(self.model, DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=recipe.optimizer.distributed))
+        configure_schedule([self.ddp])
+        self.encoder = ConversationEncoder(self.tokenizer, get_template(recipe.data.template),
+                                           recipe.model.vision.tokens_per_image, recipe.model.image_token_id)
+        self.train_set = self._dataset(recipe.data.train, "data.train")
+        self.val_set = self._dataset(recipe.data.validation, "data.validation") if recipe.data.validation else None
+        self.sampler = GlobalBatchSampler(len(self.train_set), recipe.train.global_batch_size,
+                                          recipe.train.micro_batch_size, self.ctx.dp_rank, self.ctx.dp_size,
+                                          seed=recipe.train.seed, shuffle=recipe.data.shuffle)
+        self.total_steps = recipe.train.max_steps or max(1, int(recipe.train.epochs * self.sampler.steps_per_epoch))
+        self.optimizer, self.scheduler = self._build_optimizer()
+        self.loader = StepLoader(self.train_set, self.sampler, FixedShapeCollate(
+            recipe.train.seq_length, self.tokenizer.pad_id, recipe.model.vision.image_size), recipe.data.num_workers)
+        self.skips = SkipCounter(recipe.data.max_skip_fraction)
+        self.ckpt = CheckpointManager(recipe.checkpoint, recipe.model, dump_recipe(recipe)) if recipe.checkpoint.dir else None
+        self.step, self.metrics, self.finished = 0, {}, False
+        if resume:
+            self._resume()
+
+    # ---- construction ----------------------------------------------------------------------
+    def _tokenizer(self):
+        data, model = self.recipe.data, self.recipe.model
+        if data.embedded:
+            if self.ctx.is_main:
+                embedded.ensure(data.embedded)
+            dist.barrier()
+        if not data.tokenizer:
+            raise ConfigError("missing key 'data.tokenizer' in the recipe")
+        tok = load_tokenizer(data.tokenizer)
+        if tok.image_token_id != model.image_token_id:
+            raise ConfigError(f"bad value for 'model.image_token_id': {model.image_token_id}, but the tokenizer "
+                              f"{data.tokenizer} maps <image> to {tok.image_token_id}")
+        if tok.vocab_size > model.language.vocab_size:
+            raise ConfigError(f"bad value for 'model.language.vocab_size': {model.language.vocab_size} is smaller "
+                              f"than the tokenizer's {tok.vocab_size} pieces ({data.tokenizer})")
+        return tok
+
+    def _build_model(self):
+        r = self.recipe
+        model = build_model(r.model, r.parallel, self.ctx, self.pgs, dtype=self.dtype, recompute=r.train.recompute)
+        if r.stage.init_from:
+            load_model(model, r.stage.init_from)
+        elif r.stage.init_from_hf or r.stage.init_components_from_hf:
+            self._load_hf(model)
+        self.trainable = apply_stage(model, r.stage)
+        return model
+
+    def _load_hf(self, model) -> None:
+        r = self.recipe
+        adapter = get_family(r.model.family).adapter_cls(r.model, self.ctx.tp_size, self.ctx.pp_size,
+                                                         r.parallel.first_stage_layers, r.parallel.last_stage_layers)
+        if r.stage.init_from_hf:
+            local = adapter.hf_to_megavlm(read_hf_dir(r.stage.init_from_hf)[1], self.ctx.tp_rank, self.ctx.pp_rank)
+            load_local_state(model, {k: v.to(self.dtype) for k, v in local.items()})
+            return
+        sources = {c: read_hf_dir(path)[1] for c, path in r.stage.init_components_from_hf.items()}
+        local = adapter.components_to_megavlm(sources, self.ctx.tp_rank, self.ctx.pp_rank)
+        own = model.state_dict()
+        for key, tensor in local.items():
+            if own[key].shape != tensor.shape:
+                raise ConfigError(f"stage.init_components_from_hf: {key} has shape {tuple(tensor.shape)} in the HF "
+                                  f"checkpoint but {tuple(own[key].shape)} in the model: check model.* against it")
+        model.load_state_dict({k: v.to(self.dtype) for k, v in local.items()}, strict=False)
+
+    def _dataset(self, path: str | None, key: str):
+        if not path:
+            raise ConfigError(f"missing key '{key}' in the recipe")
+        if not Path(path).is_file():
+            raise ConfigError(f"bad value for '{key}': {path} does not exist")
+        r = self.recipe
+        cls = CaptionDataset if r.data.format == "captions" else ConversationDataset
+        return cls(path, self.encoder, r.model.vision.image_size, r.train.seq_length, root=r.data.root)
+
+    def _build_optimizer(self):
+        opt = self.recipe.optimizer
+        config = megatron_optimizer_config(opt, self.dtype)
+        optimizer = get_megatron_optimizer(config, [self.ddp], config_overrides=optimizer_groups(self.recipe.stage, opt, config))
+        warmup = opt.warmup_steps if opt.warmup_steps is not None else round((opt.warmup_ratio or 0.0) * self.total_steps)
+        warmup = min(warmup, self.total_steps - 1)
+        scheduler = OptimizerParamScheduler(
+            optimizer, init_lr=0.0, max_lr=opt.lr, min_lr=opt.lr * opt.min_lr_ratio, lr_warmup_steps=warmup,
+            lr_decay_steps=self.total_steps, lr_decay_style=opt.schedule, start_wd=opt.weight_decay,
+            end_wd=opt.weight_decay, wd_incr_steps=self.total_steps, wd_incr_style="constant")
+        self.lr_labels = self._lr_labels(optimizer)
+        return optimizer, scheduler
+
+    @staticmethod
+    def _lr_labels(optimizer) -> dict[int, str]:
+        """Param-group index -> 'lr/<components>' (one label per distinct group of components)."""
+        labels, seen = {}, set()
+        for index, group in enumerate(optimizer.param_groups):
+            label = "lr/" + "+".join(sorted({component_of(p) for p in group["params"]}) or ["empty"])
+            if label not in seen:
+                labels[index] = label
+                seen.add(label)
+        return labels
+
+    # ---- resume / save ---------------------------------------------------------------------
+    def _resume(self) -> None:
+        path = self.ckpt.latest() if self.ckpt else None
+        if path is None:
+            log.warning("--resume: no complete checkpoint under %s, starting from step 0", self.recipe.checkpoint.dir)
+            return
+        state = self.ckpt.load(path, self.model, self.optimizer)
+        self.step = state["step"]
+        self.sampler.state = SamplerState(**state["sampler"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.skips.load_state_dict(state.get("skips", {}))
+        self.metrics = state.get("metrics", {})
+        self.finished = bool(state.get("finished"))
+        if self.ctx.is_main:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def save(self, finished: bool = False) -> Path:
+        state = {"sampler": self.sampler.state.to_dict(), "scheduler": self.scheduler.state_dict(),
+                 "skips": self.skips.state_dict(), "metrics": self.metrics, "stage": self.recipe.stage.name,
+                 "finished": finished}
+        return self.ckpt.save(self.step, self.model, self.optimizer, state)
+
+    def _should_save(self, epoch_ended: bool) -> bool:
+        c = self.recipe.checkpoint
+        if self.ckpt is None:
+            return False
+        return (c.save_interval and self.step % c.save_interval == 0) or (c.save_every_epoch and epoch_ended)
+
+    # ---- the loop --------------------------------------------------------------------------
+    def _account_skips(self, skipped: list[tuple[str, str]]) -> None:
+        """Skip counts agree on every rank (summed over DP) before the budget is checked."""
+        counts = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
+        for reason, message in skipped:
+            counts[SKIP_REASONS.index(reason) if reason in SKIP_REASONS else SKIP_REASONS.index("malformed_record")] += 1
+            if self.ctx.tp_rank == 0 and self.ctx.pp_rank == 0:
+                log.warning("skipped sample: %s", message)
+        dist.all_reduce(counts, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        last = skipped[-1][1] if skipped else ""
+        self.skips.update(self.recipe.train.global_batch_size, dict(zip(SKIP_REASONS, counts.tolist())), last)
+
+    def _batches(self) -> list[dict]:
+        batches = self.loader.next_step()
+        self._account_skips([s for b in batches for s in b.pop("skipped")])
+        return [{k: v.to(self.ctx.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+
+    def _step_scalars(self, result, seconds: float, images: int) -> dict[str, float]:
+        r = self.recipe
+        tokens = r.train.global_batch_size * r.train.seq_length
+        scalars = {"train/loss": result.losses["lm_loss"], "train/grad_norm": result.grad_norm or 0.0,
+                   "train/tokens_per_s": tokens / seconds, "train/samples_per_s": r.train.global_batch_size / seconds,
+                   "train/skipped_samples": float(sum(self.skips.counts.values()))}
+        for index, label in self.lr_labels.items():
+            scalars[label] = self.optimizer.param_groups[index]["lr"]
+        peak = peak_flops(self.ctx.device)
+        if peak:
+            per_sample = sample_flops(r.model, r.train.seq_length, images / r.train.global_batch_size,
+                                      set(r.stage.trainable)).total
+            achieved = per_sample * r.train.global_batch_size / seconds / self.ctx.world_size
+            scalars["train/tflops_per_gpu"] = achieved / 1e12
+            scalars["train/mfu"] = achieved / peak
+        return scalars
+
+    def run(self) -> dict[str, float]:
+        r = self.recipe
+        log_dir = Path(r.logging.dir) if r.logging.dir else (Path(r.checkpoint.dir) / "tensorboard" if r.checkpoint.dir else None)
+        logger = MetricsLogger(self.ctx.is_main, log_dir, self.total_steps, self.step, r.logging.tensorboard,
+                               r.logging.progress, description=r.stage.name)
+        loss_fn = lm_loss_fn(r.model.language.vocab_size, self.pgs.tp)
+        if self.finished:
+            logger.print(f"{r.stage.name}: already finished at step {self.step} ({self.recipe.checkpoint.dir})")
+            logger.close()
+            return dict(self.metrics)
+        set_train_mode(self.model)
+        try:
+            while self.step < self.total_steps:
+                start = time.perf_counter()
+                batches = self._batches()
+                images = int(sum(b["images_per_sample"].sum() for b in batches)) * self.ctx.dp_size
+                result = train_step([self.ddp], self.optimizer, batches, loss_fn, r.train.seq_length, r.train.micro_batch_size)
+                if not result.skipped:
+                    self.scheduler.step(1)
+                self.step += 1
+                scalars = self._step_scalars(result, time.perf_counter() - start, images)
+                logger.log(self.step, scalars)
+                logger.advance(self.step, f"loss {scalars['train/loss']:.4f}")
+                if self.step % r.train.log_interval == 0 or self.step == self.total_steps:
+                    logger.print(f"step {self.step}/{self.total_steps} loss {scalars['train/loss']:.4f} "
+                                 f"grad_norm {scalars['train/grad_norm']:.3f} {scalars['train/tokens_per_s']:.0f} tok/s")
+                epoch_ended = self.sampler.state.step_in_epoch == self.sampler.steps_per_epoch
+                if r.train.eval_interval and self.step % r.train.eval_interval == 0 and self.val_set is not None:
+                    self.metrics = self._validate()
+                    logger.log(self.step, self.metrics)
+                if self.step == r.train.exit_at_step and self.step < self.total_steps:
+                    if self.ckpt is not None:
+                        self.save()
+                    logger.print(f"exiting at step {self.step} (train.exit_at_step); continue with --resume")
+                    return dict(self.metrics)
+                if self._should_save(epoch_ended) and self.step < self.total_steps:
+                    self.save()
+            return self._finish(logger)
+        finally:
+            logger.close()
+
+    def _eval_context(self) -> EvalContext:
+        r = self.recipe
+        return EvalContext([self.ddp], self.tokenizer, r.model, self.pgs.tp, r.train.seq_length,
+                           r.train.micro_batch_size, self.ctx.device)
+
+    def _validate(self) -> dict[str, float]:
+        metrics = validation_loss(self._eval_context(), self.val_set, self.recipe.train.eval_samples)
+        set_train_mode(self.model)
+        return metrics
+
+    def _finish(self, logger: MetricsLogger) -> dict[str, float]:
+        r = self.recipe
+        metrics = self._validate() if self.val_set is not None else {}
+        metrics.update(evaluate_vlm(self._eval_context(), r.eval, r.data.template))
+        set_train_mode(self.model)
+        self.metrics = metrics
+        logger.log(self.step, {f"eval/{k}" if "/" not in k else k: v for k, v in metrics.items()})
+        if self.ckpt is not None:
+            path = self.save(finished=True)
+            if self.ctx.is_main:
+                (Path(r.checkpoint.dir) / "final_metrics.json").write_text(
+                    json.dumps({"step": self.step, "checkpoint": str(path), "metrics": metrics,
+                                "skipped": self.skips.state_dict()}, indent=2))
+        logger.print(format_metrics(r.stage.name, metrics))
+        return metrics
+
+
+def format_metrics(stage: str, metrics: dict[str, float]) -> str:
+    lines = [f"[{stage}] held-out metrics"]
+    for name in sorted(k for k in metrics if not k.endswith("_blank")):
+        blank = metrics.get(name + "_blank")
+        lines.append(f"  {name:<28} {metrics[name]:.4f}" + (f"   (blank image: {blank:.4f})" if blank is not None else ""))
+    return "\n".join(lines)

@@ -1,0 +1,33 @@
+"""examples/launch.sh turns environment / Slurm variables into torchrun's node layout."""
+import os
+import subprocess
+
+from tests.conftest import ROOT
+
+LAUNCH = ROOT / "examples" / "launch.sh"
+
+
+def _launch(env_extra: dict) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "NNODES", "NODE_RANK", "GPUS"))}
+    env.update(env_extra, PYTHON="/bin/echo", PATH="/usr/bin:/bin")  # echo the command instead of running it
+    proc = subprocess.run(["bash", str(LAUNCH), "recipe.yaml", "--resume", "train.max_steps=3"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_explicit_environment():
+    cmd = _launch({"GPUS": "4", "NNODES": "3", "NODE_RANK": "2", "MASTER_ADDR": "head", "MASTER_PORT": "1234"})
+    assert "--nnodes 3 --node_rank 2 --nproc_per_node 4 --master_addr head --master_port 1234" in cmd
+    assert cmd.endswith("-m megavlm.train recipe.yaml --resume train.max_steps=3")
+
+
+def test_slurm_variables():
+    cmd = _launch({"GPUS": "8", "SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[003-004,010]",
+                   "SLURM_PROCID": "1", "SLURM_NTASKS": "2"})
+    assert "--nnodes 2 --node_rank 1 --nproc_per_node 8 --master_addr gpu003 --master_port 29500" in cmd
+
+
+def test_single_node_defaults():
+    cmd = _launch({})
+    assert "--nnodes 1 --node_rank 0 --nproc_per_node 1 --master_addr localhost" in cmd
