@@ -85,17 +85,39 @@ def test_freezing_and_optimizer_groups(single_process, small_embedded, tmp_path)
 
 
 # ---- checkpoints -------------------------------------------------------------------------------
-def test_resume_is_bitwise_identical(single_process, small_embedded, tmp_path):
-    straight = _recipe(tmp_path / "a", small_embedded, "train.max_steps=6", "stage.trainable=[connector,llm]")
+@pytest.mark.parametrize("distributed", [False, True], ids=["adam", "distributed-adam"])
+def test_resume_is_bitwise_identical(single_process, small_embedded, tmp_path, distributed):
+    common = ["train.max_steps=6", "stage.trainable=[connector,llm]", f"optimizer.distributed={str(distributed).lower()}",
+              "optimizer.warmup_steps=1"]
+    straight = _recipe(tmp_path / "a", small_embedded, *common)
     Trainer(straight).run()
-    first = _recipe(tmp_path / "b", small_embedded, "train.max_steps=6", "train.exit_at_step=3",
-                    "stage.trainable=[connector,llm]")
+    first = _recipe(tmp_path / "b", small_embedded, *common, "train.exit_at_step=3")
     Trainer(first).run()
     assert [s for s, _ in ckpt_mod.CheckpointManager(first.checkpoint, first.model).completed()] == [3]
     Trainer(first, resume=True).run()
     a, b = _losses(tmp_path / "a" / "ckpt"), _losses(tmp_path / "b" / "ckpt")
     assert sorted(a) == sorted(b) == list(range(1, 7))
     assert all(a[s] == b[s] for s in a), (a, b)  # bitwise
+
+
+def test_recompute_gives_the_same_losses(single_process, small_embedded, tmp_path):
+    common = ["train.max_steps=3", "stage.trainable=[connector,llm]", "eval.captions=null"]
+    Trainer(_recipe(tmp_path / "a", small_embedded, *common)).run()
+    Trainer(_recipe(tmp_path / "b", small_embedded, *common, "train.recompute=true")).run()
+    assert _losses(tmp_path / "a" / "ckpt") == _losses(tmp_path / "b" / "ckpt")
+
+
+def test_bf16_trains_with_fp32_master_weights(single_process, small_embedded, tmp_path):
+    common = ["train.max_steps=3", "stage.trainable=[connector,llm]", "eval.captions=null"]
+    Trainer(_recipe(tmp_path / "a", small_embedded, *common)).run()
+    trainer = Trainer(_recipe(tmp_path / "b", small_embedded, *common, "train.dtype=bf16"))
+    trainer.run()
+    assert next(trainer.model.language_model.parameters()).dtype == torch.bfloat16
+    inner = trainer.optimizer.chained_optimizers[0]
+    assert type(inner).__name__ == "Float16OptimizerWithFloat16Params"
+    assert all(p.dtype == torch.float32 for g in inner.optimizer.param_groups for p in g["params"])
+    fp32, bf16 = _losses(tmp_path / "a" / "ckpt"), _losses(tmp_path / "b" / "ckpt")
+    assert all(abs(fp32[s] - bf16[s]) < 0.05 for s in fp32), (fp32, bf16)
 
 
 def test_keep_last_and_keep_best(tmp_path):

@@ -150,7 +150,10 @@ class CheckpointManager:
         model_sd = model.sharded_state_dict()
         state = {"model": model_sd, "rng_state": _rng_sharded_object(world_size)}
         if optimizer is not None:
-            state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading)
+            # Distributed optimizer: megatron-core 0.16's fully reshardable format cannot restore torch
+            # Adam's per-parameter 'step' (only TE/apex fused Adam); its DP-reshardable one can.
+            state["optimizer"] = optimizer.sharded_state_dict(
+                model_sd, is_loading=loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"})
         return state
 
     def save(self, step: int, model, optimizer, trainer_state: dict) -> Path:
@@ -196,12 +199,41 @@ class CheckpointManager:
                 shutil.rmtree(path, ignore_errors=True)
 
     # -- load --
+    @staticmethod
+    def _materialize_optimizer_state(optimizer) -> None:
+        """megatron-core 0.16's distributed optimizer builds its sharded state dict from existing
+        Adam state (torch Adam keeps 'step' per parameter): a fresh one has none. Give it
+        placeholder state (megatron-core's own helper, a zero-gradient step) that the load then
+        overwrites; the model weights it may touch are loaded afterwards."""
+        for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+            if hasattr(inner, "_init_optimizer_states_with_dummy_values") and not inner.optimizer.state:
+                inner._init_optimizer_states_with_dummy_values()
+
+    @staticmethod
+    def _restore_adam_steps(optimizer, loaded: dict) -> None:
+        """megatron-core 0.16's distributed optimizer does not put torch Adam's per-parameter
+        'step' back (it keeps the placeholder's), which changes Adam's bias correction after a
+        resume; the saved count is in its param groups."""
+        inners = getattr(optimizer, "chained_optimizers", [optimizer])
+        if len(inners) != 1 or not hasattr(inners[0], "model_param_group_index_map"):
+            return
+        groups = loaded.get("optimizer", {}).get("param_groups", []) if isinstance(loaded, dict) else []
+        steps = {g["step"] for g in groups if g.get("step") is not None}
+        if len(steps) != 1:
+            return
+        step = float(steps.pop())
+        for state in inners[0].optimizer.state.values():
+            if "step" in state:
+                state["step"] = torch.tensor(step, dtype=state["step"].dtype, device=state["step"].device)
+
     def load(self, path: Path, model, optimizer) -> dict:
         """Collective: restores model, optimizer and (same world size) RNG; returns trainer state."""
         from megatron.core import dist_checkpointing
 
         trainer_state = json.loads((path / TRAINER_STATE_FILE).read_text())
         world = dist.get_world_size() if dist.is_initialized() else 1
+        if optimizer is not None:
+            self._materialize_optimizer_state(optimizer)
         template = self._sharded_state(model, optimizer, world, loading=True)
         same_world = trainer_state.get("world_size") == world
         if not same_world:
@@ -209,7 +241,9 @@ class CheckpointManager:
         state = dist_checkpointing.load(template, os.fspath(_require_dist_checkpoint(path)))
         load_local_state(model, state["model"])
         if optimizer is not None:
-            optimizer.load_state_dict(state["optimizer"])
+            with torch.no_grad():  # the fp32 main params are views of the (trainable) model params
+                optimizer.load_state_dict(state["optimizer"])
+            self._restore_adam_steps(optimizer, state["optimizer"])
         if same_world:
             set_rng_state(state["rng_state"])
         else:

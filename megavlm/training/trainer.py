@@ -23,7 +23,6 @@ from megavlm.data.templates import ConversationEncoder, get_template
 from megavlm.data.tokenizer import load_tokenizer
 from megavlm.eval.vlm_eval import EvalContext, evaluate_vlm, validation_loss
 from megavlm.models.common.hf_io import read_hf_dir
-from megavlm.models.common.tags import component_of
 from megavlm.models.registry import get_family
 from megavlm.parallel import init as pinit
 from megavlm.training.build import build_model, load_local_state, wrap_ddp
@@ -131,19 +130,7 @@ class Trainer:
             optimizer, init_lr=0.0, max_lr=opt.lr, min_lr=opt.lr * opt.min_lr_ratio, lr_warmup_steps=warmup,
             lr_decay_steps=self.total_steps, lr_decay_style=opt.schedule, start_wd=opt.weight_decay,
             end_wd=opt.weight_decay, wd_incr_steps=self.total_steps, wd_incr_style="constant")
-        self.lr_labels = self._lr_labels(optimizer)
         return optimizer, scheduler
-
-    @staticmethod
-    def _lr_labels(optimizer) -> dict[int, str]:
-        """Param-group index -> 'lr/<components>' (one label per distinct group of components)."""
-        labels, seen = {}, set()
-        for index, group in enumerate(optimizer.param_groups):
-            label = "lr/" + "+".join(sorted({component_of(p) for p in group["params"]}) or ["empty"])
-            if label not in seen:
-                labels[index] = label
-                seen.add(label)
-        return labels
 
     # ---- resume / save ---------------------------------------------------------------------
     def _resume(self) -> None:
@@ -196,8 +183,10 @@ class Trainer:
         scalars = {"train/loss": result.losses["lm_loss"], "train/grad_norm": result.grad_norm or 0.0,
                    "train/tokens_per_s": tokens / seconds, "train/samples_per_s": r.train.global_batch_size / seconds,
                    "train/skipped_samples": float(sum(self.skips.counts.values()))}
-        for index, label in self.lr_labels.items():
-            scalars[label] = self.optimizer.param_groups[index]["lr"]
+        opt = r.optimizer
+        for component in r.stage.trainable:  # the scheduler's LR for each component's group
+            max_lr = r.stage.lr.get(component, opt.lr)
+            scalars[f"lr/{component}"] = self.scheduler.get_lr({"max_lr": max_lr, "min_lr": max_lr * opt.min_lr_ratio})
         peak = peak_flops(self.ctx.device)
         if peak:
             per_sample = sample_flops(r.model, r.train.seq_length, images / r.train.global_batch_size,
