@@ -38,7 +38,8 @@ setup(
     ],
     extras_require={
         "hf": ["transformers>=5,<6"],
-        "test": ["pytest>=8", "transformers>=5,<6"],
+        "kernels": ["triton>=3.2"],
+        "test": ["pytest>=8", "transformers>=5,<6", "triton>=3.2"],
     },
     entry_points={"console_scripts": ["megavlm-train=megavlm.train:main"]},
 )

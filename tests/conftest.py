@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton kernels run on the CPU through the interpreter; it must be chosen before they are defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
@@ -71,13 +75,14 @@ PARALLEL_WORKER = ROOT / "tests" / "workers" / "parallel_step.py"
 LAYOUT_SAMPLES, LAYOUT_SEQ = 4, 48
 
 
-def reference_step(single_ctx, cfg, hf_state):
+def reference_step(single_ctx, cfg, hf_state, samples: int = LAYOUT_SAMPLES):
     """Single process: same weights, the whole global batch as 4 micro-batches, one optimizer step."""
     from megavlm.config.model import ParallelConfig
     from megavlm.data.synthetic import synthetic_batches
     from megavlm.models.registry import get_family
     from megavlm.parallel.init import process_groups
     from megavlm.training.build import build_model, load_local_state, wrap_ddp
+    from megavlm.models.common.layer_specs import lm_head
     from megavlm.training.step import configure_schedule, lm_loss_fn
     from tests.workers.parallel_step import make_optimizer, step_and_collect
 
@@ -87,8 +92,8 @@ def reference_step(single_ctx, cfg, hf_state):
     load_local_state(model, adapter.hf_to_megavlm(hf_state))
     ddp = wrap_ddp(model)
     configure_schedule([ddp])
-    batches = synthetic_batches(cfg, LAYOUT_SAMPLES, LAYOUT_SEQ, micro_batch_size=1, seed=0)
-    loss_fn = lm_loss_fn(cfg.language.vocab_size, pgs.tp)
+    batches = synthetic_batches(cfg, samples, LAYOUT_SEQ, micro_batch_size=1, seed=0)
+    loss_fn = lm_loss_fn(lm_head(cfg, pgs.tp, model.output_weight))
     out = step_and_collect(ddp, make_optimizer([ddp]), batches, loss_fn, LAYOUT_SEQ, single_ctx)
     out = {k: adapter.megavlm_to_hf(v) if isinstance(v, dict) else v for k, v in out.items()}
     return dict(out, batches=batches)

@@ -77,3 +77,25 @@ def test_tied_embeddings_under_pipeline_parallelism(single_process, tmp_path):
     ref = reference_step(single_process, cfg, hf_state)
     assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6)
     assert_grads_close(got["grads"], ref["grads"], "tied pp2")
+
+
+KERNELS = ["kernels.cross_entropy=triton", "kernels.connector=triton"]
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("kernels", [KERNELS, ["kernels.fused_linear_cross_entropy=true"]],
+                         ids=["triton-ce+connector", "fused-linear-ce"])
+def test_kernels_at_tp2_match_torch_at_tp1(single_process, tmp_path, kernels):
+    """The Triton paths, selected by config only, at TP=2 (interpreter) give the PyTorch path's
+    loss and gradients at TP=1."""
+    cfg = flavor_config("llava", "debug")
+    hf_state = {k: v.clone() for k, v in tiny_hf_llava(cfg, seed=2).state_dict().items()}
+    save_file(hf_state, tmp_path / "init.safetensors")
+    args = ["--init", str(tmp_path / "init.safetensors"), "--layouts", "2x1", "--out", str(tmp_path), "--samples", "2"]
+    for override in kernels:
+        args += ["--override", override]
+    run_torchrun(PARALLEL_WORKER, 2, args)
+    got = torch.load(tmp_path / "tp2_pp1.pt")
+    ref = reference_step(single_process, cfg, hf_state, samples=2)
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    assert_grads_close(got["grads"], ref["grads"], " ".join(kernels))

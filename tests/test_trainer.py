@@ -120,6 +120,17 @@ def test_bf16_trains_with_fp32_master_weights(single_process, small_embedded, tm
     assert all(abs(fp32[s] - bf16[s]) < 0.05 for s in fp32), (fp32, bf16)
 
 
+def test_kernels_selected_by_recipe_train_and_evaluate_like_torch(single_process, small_embedded, tmp_path):
+    common = ["train.max_steps=2", "stage.trainable=[connector,llm]", "eval.max_samples=8"]
+    torch_metrics = Trainer(_recipe(tmp_path / "a", small_embedded, *common)).run()
+    fused = ["model.kernels.fused_linear_cross_entropy=true", "model.kernels.connector=triton",
+             "model.kernels.loss_chunk_tokens=64"]
+    kernel_metrics = Trainer(_recipe(tmp_path / "b", small_embedded, *common, *fused)).run()
+    a, b = _losses(tmp_path / "a" / "ckpt"), _losses(tmp_path / "b" / "ckpt")
+    assert all(abs(a[s] - b[s]) < 1e-5 for s in a), (a, b)
+    assert kernel_metrics == pytest.approx(torch_metrics, abs=1e-4)
+
+
 def test_keep_last_and_keep_best(tmp_path):
     from megavlm.config.recipe import CheckpointConfig
     from megavlm.models.registry import flavor_config

@@ -98,6 +98,20 @@ class ConnectorConfig:
 
 
 @dataclass
+class KernelConfig:
+    """Fused implementations (kernels/); chosen in models/common/layer_specs.py only."""
+
+    cross_entropy: Literal["torch", "triton"] = "torch"
+    # Output layer + loss in one chunked op: the [tokens x vocab] logits are never materialised.
+    fused_linear_cross_entropy: bool = False
+    loss_chunk_tokens: int = 4096
+    connector: Literal["torch", "triton"] = "torch"   # LLaVA's MLP projector
+
+    def __post_init__(self):
+        check(self.loss_chunk_tokens > 0, "kernels.loss_chunk_tokens", "must be positive")
+
+
+@dataclass
 class ModelConfig:
     family: Literal["llava"] = "llava"
     flavor: str = ""
@@ -107,6 +121,7 @@ class ModelConfig:
     image_token_id: int = 32000
     # Implementation of the transformer layers: chosen in models/common/layer_specs.py only.
     transformer_impl: Literal["local", "te"] = "local"
+    kernels: KernelConfig = field(default_factory=KernelConfig)
     init_std: float = 0.02
 
     def __post_init__(self):

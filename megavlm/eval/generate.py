@@ -11,7 +11,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megavlm.losses.lm_loss import IGNORE_INDEX, masked_lm_loss
+from megavlm.losses.lm_loss import IGNORE_INDEX
 from megavlm.training.step import model_inputs, reduce_losses
 
 
@@ -56,14 +56,15 @@ def _run_forward(model_chunks: list, batches: list[dict], loss_fn, seq_length: i
                         micro_batch_size=batches[0]["input_ids"].shape[0], forward_only=True)
 
 
-def token_accuracy(model_chunks: list, batches: list[dict], vocab_size: int, tp_group, seq_length: int) -> dict:
+def token_accuracy(model_chunks: list, batches: list[dict], head, seq_length: int) -> dict:
     """Per-token loss and argmax accuracy over supervised tokens (teacher forcing)."""
 
-    def loss_fn(logits, batch):
+    def loss_fn(output, batch):
         labels = batch["labels"]
-        total, tokens = masked_lm_loss(logits, labels, vocab_size, tp_group)
+        total, tokens = head.loss(output, labels)
         mask = labels != IGNORE_INDEX
-        correct = ((vocab_parallel_argmax(logits, vocab_size, tp_group) == labels) & mask).sum()
+        predicted = vocab_parallel_argmax(head.logits(output), head.vocab_size, head.tp_group)
+        correct = ((predicted == labels) & mask).sum()
         report = {"loss": torch.stack([total.float(), tokens.float()]),
                   "accuracy": torch.stack([correct.float(), tokens.float()])}
         return total, tokens.int(), report
@@ -80,8 +81,8 @@ def _share_from_last_stage(obj):
     return box[0]
 
 
-def greedy_generate(model_chunks: list, batch: dict, prompt_lengths: list[int], vocab_size: int, tp_group,
-                    eos_id: int, max_new_tokens: int, exclude: int | None = None) -> list[list[int]]:
+def greedy_generate(model_chunks: list, batch: dict, prompt_lengths: list[int], head, eos_id: int,
+                    max_new_tokens: int, exclude: int | None = None) -> list[list[int]]:
     """Greedy continuation of right-padded prompts (one micro-batch). Recomputes the whole
     sequence per token (no KV cache): meant for evaluation-sized answers."""
     ids = batch["input_ids"].clone()
@@ -90,10 +91,11 @@ def greedy_generate(model_chunks: list, batch: dict, prompt_lengths: list[int], 
     generated: list[list[int]] = [[] for _ in prompt_lengths]
     done = [False] * len(prompt_lengths)
 
-    def loss_fn(logits, _batch):
-        rows = torch.arange(logits.shape[0], device=logits.device)
-        next_ids = vocab_parallel_argmax(logits[rows, positions], vocab_size, tp_group, exclude)
-        return logits.new_zeros(()), torch.zeros((), dtype=torch.int), {"next": next_ids}
+    def loss_fn(output, _batch):
+        rows = torch.arange(output.shape[0], device=output.device)
+        last = head.logits(output[rows, positions])
+        next_ids = vocab_parallel_argmax(last, head.vocab_size, head.tp_group, exclude)
+        return output.new_zeros(()), torch.zeros((), dtype=torch.int), {"next": next_ids}
 
     for _ in range(max_new_tokens):
         if all(done) or int(positions.max()) + 1 >= seq_length:

@@ -21,7 +21,7 @@ class EvalContext:
     model_chunks: list          # DDP-wrapped or plain chunks of this rank
     tokenizer: object
     model_cfg: object
-    tp_group: object
+    head: object                # losses/lm_loss.py head: loss and logits from the last stage's output
     seq_length: int
     micro_batch_size: int
     device: torch.device
@@ -48,7 +48,7 @@ def teacher_forced(ctx: EvalContext, dataset, limit: int, blank: bool) -> dict:
     batches = _micro_batches(dataset, ctx, limit)
     if blank:
         batches = [_blank(b, ctx.model_cfg.vision.image_size) for b in batches]
-    return token_accuracy(ctx.model_chunks, batches, ctx.model_cfg.language.vocab_size, ctx.tp_group, ctx.seq_length)
+    return token_accuracy(ctx.model_chunks, batches, ctx.head, ctx.seq_length)
 
 
 def _vqa_items(path: Path, encoder: ConversationEncoder, cfg, seq_length: int, limit: int) -> list[dict]:
@@ -93,9 +93,8 @@ def vqa_exact_match(ctx: EvalContext, path: Path, template: str, limit: int, max
             pixel = blank_image(size).expand(len(images), -1, -1, -1).contiguous()
         batch = _to_device({"input_ids": ids, "images": pixel,
                             "images_per_sample": torch.tensor([len(i["images"]) for i in chunk])}, ctx.device)
-        outputs = greedy_generate(ctx.model_chunks, batch, [len(i["prompt"]) for i in chunk],
-                                  cfg.language.vocab_size, ctx.tp_group, ctx.tokenizer.eos_id, max_new_tokens,
-                                  exclude=cfg.image_token_id)
+        outputs = greedy_generate(ctx.model_chunks, batch, [len(i["prompt"]) for i in chunk], ctx.head,
+                                  ctx.tokenizer.eos_id, max_new_tokens, exclude=cfg.image_token_id)
         for item, out in zip(chunk, outputs):
             correct += _normalize_answer(ctx.tokenizer.decode(out)) == _normalize_answer(item["answer"])
     evaluated = len(items) - len(items) % mbs

@@ -75,9 +75,7 @@ def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
 
     logits [b, s, V/TP]; labels [b, s] already shifted (labels[:, t] is the target after token t).
     """
-    mask = labels != IGNORE_INDEX
-    losses = vocab_parallel_cross_entropy(logits, labels.masked_fill(~mask, 0), vocab_size, tp_group)
-    return (losses * mask).sum(), mask.sum()
+    return LogitsHead(vocab_size, tp_group).loss(logits, labels)
 
 
 def shift_labels(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -85,3 +83,43 @@ def shift_labels(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tens
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, :-1] = torch.where(loss_mask[:, 1:].bool(), input_ids[:, 1:], IGNORE_INDEX)
     return labels
+
+
+class LogitsHead:
+    """The last stage outputs logits [b, s, V/TP]; the loss is a masked cross-entropy over them."""
+
+    def __init__(self, vocab_size: int, tp_group, cross_entropy=None):
+        self.vocab_size, self.tp_group = vocab_size, tp_group
+        self.cross_entropy = cross_entropy or vocab_parallel_cross_entropy
+
+    def logits(self, output: torch.Tensor) -> torch.Tensor:
+        return output
+
+    def loss(self, output: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = labels != IGNORE_INDEX
+        losses = self.cross_entropy(output, labels, self.vocab_size, self.tp_group)
+        return (losses * mask).sum(), mask.sum()
+
+
+class FusedLinearHead:
+    """The last stage outputs hidden states [b, s, H]; output layer and loss run as one chunked
+    op (kernels/fused_linear_cross_entropy.py), and logits are made only when asked for."""
+
+    def __init__(self, vocab_size: int, tp_group, weight_fn, chunk_tokens: int):
+        self.vocab_size, self.tp_group = vocab_size, tp_group
+        self._weight_fn, self.chunk_tokens = weight_fn, chunk_tokens
+
+    def weight_fn(self) -> torch.Tensor:
+        if self._weight_fn is None:
+            raise RuntimeError("the fused linear cross-entropy head runs on the last pipeline stage only")
+        return self._weight_fn()
+
+    def logits(self, output: torch.Tensor) -> torch.Tensor:
+        return output @ self.weight_fn().t()
+
+    def loss(self, output: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from megavlm.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+
+        total = fused_linear_cross_entropy(output, self.weight_fn(), labels, self.vocab_size, self.tp_group,
+                                           self.chunk_tokens)
+        return total, (labels != IGNORE_INDEX).sum()

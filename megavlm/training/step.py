@@ -18,16 +18,16 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
-from megavlm.losses.lm_loss import masked_lm_loss
 
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor, dict]]
 
 
-def lm_loss_fn(vocab_size: int, tp_group) -> LossFn:
-    """Next-token loss on the last stage's logits: returns (sum, tokens, {name: [sum, tokens]})."""
+def lm_loss_fn(head) -> LossFn:
+    """Next-token loss of the last stage's output through an LM head (losses/lm_loss.py):
+    returns (sum, tokens, {name: [sum, tokens]})."""
 
-    def loss(logits: torch.Tensor, batch: dict):
-        total, tokens = masked_lm_loss(logits, batch["labels"], vocab_size, tp_group)
+    def loss(output: torch.Tensor, batch: dict):
+        total, tokens = head.loss(output, batch["labels"])
         report = torch.stack([total.detach().float(), tokens.float()])
         return total, tokens.int(), {"lm_loss": report}
 

@@ -30,6 +30,7 @@ from megavlm.training.checkpoint import CheckpointManager, load_model
 from megavlm.training.flops import peak_flops, sample_flops
 from megavlm.training.logging import MetricsLogger
 from megavlm.training.stages import apply_stage, megatron_optimizer_config, optimizer_groups, set_train_mode
+from megavlm.models.common.layer_specs import lm_head
 from megavlm.training.step import configure_schedule, lm_loss_fn, train_step
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class Trainer:
         self.ddp = wrap_ddp(self.model, DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=recipe.optimizer.distributed))
         configure_schedule([self.ddp])
+        self.head = lm_head(recipe.model, self.pgs.tp, self.model.output_weight if self.ctx.is_last_stage else None)
         self.encoder = ConversationEncoder(self.tokenizer, get_template(recipe.data.template),
                                            recipe.model.vision.tokens_per_image, recipe.model.image_token_id)
         self.train_set = self._dataset(recipe.data.train, "data.train")
@@ -201,7 +203,7 @@ class Trainer:
         log_dir = Path(r.logging.dir) if r.logging.dir else (Path(r.checkpoint.dir) / "tensorboard" if r.checkpoint.dir else None)
         logger = MetricsLogger(self.ctx.is_main, log_dir, self.total_steps, self.step, r.logging.tensorboard,
                                r.logging.progress, description=r.stage.name)
-        loss_fn = lm_loss_fn(r.model.language.vocab_size, self.pgs.tp)
+        loss_fn = lm_loss_fn(self.head)
         if self.finished:
             logger.print(f"{r.stage.name}: already finished at step {self.step} ({self.recipe.checkpoint.dir})")
             logger.close()
@@ -239,7 +241,7 @@ class Trainer:
 
     def _eval_context(self) -> EvalContext:
         r = self.recipe
-        return EvalContext([self.ddp], self.tokenizer, r.model, self.pgs.tp, r.train.seq_length,
+        return EvalContext([self.ddp], self.tokenizer, r.model, self.head, r.train.seq_length,
                            r.train.micro_batch_size, self.ctx.device)
 
     def _validate(self) -> dict[str, float]:

@@ -19,6 +19,7 @@ from megavlm.models.registry import flavor_config, get_family
 from megavlm.parallel import init as pinit
 from megavlm.parallel.gather import gather_shards, local_grads
 from megavlm.training.build import build_model, load_local_state, wrap_ddp
+from megavlm.models.common.layer_specs import lm_head
 from megavlm.training.step import configure_schedule, forward_backward, lm_loss_fn
 
 
@@ -58,7 +59,7 @@ def run_layout(args, tp, pp, hf_weights, save_checkpoint=False):
 
     batches = synthetic_batches(cfg, args.samples, args.seq_length, micro_batch_size=1, seed=args.seed)
     mine = batches[ctx.dp_rank::ctx.dp_size]
-    loss_fn = lm_loss_fn(cfg.language.vocab_size, pgs.tp)
+    loss_fn = lm_loss_fn(lm_head(cfg, pgs.tp, model.output_weight))
     result = {"layout": (tp, pp)}
     loaded = gather_shards(model.state_dict(), ctx.tp_rank, ctx.pp_rank, ctx.dp_rank)
     if ctx.is_main:

@@ -25,6 +25,7 @@ def run(flavor: str, batch: int, seq: int, steps: int) -> dict:
     from megavlm.models.registry import flavor_config
     from megavlm.parallel import init as pinit
     from megavlm.training.build import build_model, wrap_ddp
+    from megavlm.models.common.layer_specs import lm_head
     from megavlm.training.step import configure_schedule, forward_backward, lm_loss_fn
 
     ctx = pinit.initialize(ParallelConfig(), seed=0)
@@ -35,7 +36,7 @@ def run(flavor: str, batch: int, seq: int, steps: int) -> dict:
     ddp = wrap_ddp(model)
     configure_schedule([ddp])
     batches = synthetic_batches(cfg, batch, seq, micro_batch_size=batch, seed=0, image_pattern=(1,), device=ctx.device)
-    loss_fn = lm_loss_fn(cfg.language.vocab_size, pgs.tp)
+    loss_fn = lm_loss_fn(lm_head(cfg, pgs.tp, model.output_weight))
     torch.cuda.reset_peak_memory_stats()
     times, loss = [], None
     for _ in range(steps):

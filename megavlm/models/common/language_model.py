@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megavlm.config.model import LanguageConfig
@@ -31,3 +32,27 @@ def build_language_model(language: LanguageConfig, config: TransformerConfig, im
         rotary_base=language.rope_theta,
         pg_collection=pg_collection,
     )
+
+
+class DeferredLogitsLinear(ColumnParallelLinear):
+    """GPTModel's output layer that hands back the hidden states: the loss head applies the
+    weight itself, chunk by chunk (fused linear cross-entropy). Parameters, state-dict keys and
+    checkpoint sharding stay those of the ColumnParallelLinear it replaces."""
+
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        return input_, None
+
+
+def defer_logits(language_model: GPTModel) -> GPTModel:
+    if language_model.post_process:
+        if language_model.config.sequence_parallel:
+            raise ValueError("kernels.fused_linear_cross_entropy does not support sequence parallelism yet")
+        language_model.output_layer.__class__ = DeferredLogitsLinear
+    return language_model
+
+
+def output_weight(language_model: GPTModel):
+    """The (vocab-sharded) weight that turns final hidden states into logits on the last stage."""
+    if language_model.share_embeddings_and_output_weights:
+        return language_model.shared_embedding_or_output_weight()
+    return language_model.output_layer.weight

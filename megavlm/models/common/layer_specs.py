@@ -101,3 +101,32 @@ def norm_spec(impl: str):
 
         return TENorm
     return WrappedTorchNorm
+
+
+def connector_cls(model_cfg):
+    """LLaVA's MLP projector: PyTorch layers or the fused Triton kernels."""
+    from megavlm.models.connectors.mlp_projector import FusedMLPProjector, MLPProjector
+
+    return FusedMLPProjector if model_cfg.kernels.connector == "triton" else MLPProjector
+
+
+def prepare_language_model(model_cfg, language_model):
+    """Output-layer choice: logits, or hidden states for the fused linear cross-entropy head."""
+    from megavlm.models.common.language_model import defer_logits
+
+    return defer_logits(language_model) if model_cfg.kernels.fused_linear_cross_entropy else language_model
+
+
+def lm_head(model_cfg, tp_group, weight_fn=None):
+    """How the last stage's output becomes a loss (and logits for evaluation)."""
+    from megavlm.losses.lm_loss import FusedLinearHead, LogitsHead
+
+    vocab = model_cfg.language.vocab_size
+    kernels = model_cfg.kernels
+    if kernels.fused_linear_cross_entropy:
+        return FusedLinearHead(vocab, tp_group, weight_fn, kernels.loss_chunk_tokens)
+    if kernels.cross_entropy == "triton":
+        from megavlm.kernels.cross_entropy import triton_cross_entropy
+
+        return LogitsHead(vocab, tp_group, lambda lg, t, v, g: triton_cross_entropy(lg, t, v, g, inplace_backward=True))
+    return LogitsHead(vocab, tp_group)

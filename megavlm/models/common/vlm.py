@@ -21,3 +21,9 @@ class VLMBase(MegatronModule):
     def shared_embedding_or_output_weight(self):
         """The tied word embedding, all-reduced between the first and last stage."""
         return self.language_model.shared_embedding_or_output_weight()
+
+    def output_weight(self):
+        """The weight that turns final hidden states into (vocab-sharded) logits, last stage only."""
+        from megavlm.models.common.language_model import output_weight
+
+        return output_weight(self.language_model)

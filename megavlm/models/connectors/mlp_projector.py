@@ -39,3 +39,29 @@ class MLPProjector(MegatronModule):
             return hidden
         out, _ = self.linear_fc2(F.gelu(hidden))
         return out
+
+
+class FusedMLPProjector(MLPProjector):
+    """The 2-layer projector through the fused Triton kernels (kernels/fused_mlp.py): same
+    parameters and tensor parallelism (column-parallel first projection, row-parallel second,
+    one all-reduce), the bias + GELU fused into the first GEMM."""
+
+    def __init__(self, connector: ConnectorConfig, input_size: int, output_size: int, config: TransformerConfig,
+                 tp_group=None):
+        if connector.type != "mlp2x_gelu":
+            raise ValueError(f"kernels.connector: triton fuses the mlp2x_gelu projector, not {connector.type!r}")
+        super().__init__(connector, input_size, output_size, config, tp_group)
+        self.tp_group = self.linear_fc1.tp_group
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        from megatron.core.tensor_parallel.mappings import (
+            copy_to_tensor_model_parallel_region,
+            reduce_from_tensor_model_parallel_region,
+        )
+
+        from megavlm.kernels.fused_mlp import fused_mlp
+
+        x = copy_to_tensor_model_parallel_region(features, group=self.tp_group)
+        out = fused_mlp(x, self.linear_fc1.weight, self.linear_fc1.bias, self.linear_fc2.weight)
+        out = reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
+        return out + self.linear_fc2.bias if self.linear_fc2.bias is not None else out

@@ -11,12 +11,11 @@ import torch
 from megavlm.config.model import ModelConfig, ParallelConfig
 from megavlm.models.common.image_tokens import scatter_image_embeddings
 from megavlm.models.common.language_model import build_language_model
-from megavlm.models.common.layer_specs import encoder_layer_spec, norm_spec
+from megavlm.models.common.layer_specs import connector_cls, encoder_layer_spec, norm_spec, prepare_language_model
 from megavlm.models.common.tags import tag_component
 from megavlm.models.common.vlm import VLMBase
 from megavlm.models.common.transformer_config import language_transformer_config, vision_transformer_config
 from megavlm.models.common.vision_transformer import VisionTransformer
-from megavlm.models.connectors.mlp_projector import MLPProjector
 
 
 class LlavaModel(VLMBase):
@@ -32,10 +31,12 @@ class LlavaModel(VLMBase):
             vit_config = vision_transformer_config(model, parallel, dtype, recompute)
             self.vision = tag_component(VisionTransformer(model.vision, vit_config, encoder_layer_spec(model.transformer_impl),
                                                           norm_spec(model.transformer_impl), pg_collection), "vision")
-            self.connector = tag_component(MLPProjector(model.connector, model.vision.hidden_size,
-                                                        model.language.hidden_size, lm_config, tp_group), "connector")
-        self.language_model = tag_component(build_language_model(model.language, lm_config, model.transformer_impl,
-                                                                  pg_collection, pre_process, post_process), "llm")
+            self.connector = tag_component(connector_cls(model)(model.connector, model.vision.hidden_size,
+                                                                model.language.hidden_size, lm_config, tp_group),
+                                           "connector")
+        language_model = build_language_model(model.language, lm_config, model.transformer_impl, pg_collection,
+                                              pre_process, post_process)
+        self.language_model = tag_component(prepare_language_model(model, language_model), "llm")
 
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """[n, 3, H, W] -> [n, tokens, llm_hidden]. A frozen ViT runs without autograd."""
