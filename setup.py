@@ -35,11 +35,13 @@ setup(
         "psutil>=5.9",
         "tensorboard>=2.14",
         "rich>=13",
+        "webdataset>=0.2",
     ],
     extras_require={
         "hf": ["transformers>=5,<6"],
         "kernels": ["triton>=3.2"],
-        "test": ["pytest>=8", "transformers>=5,<6", "triton>=3.2"],
+        "dali": ["nvidia-dali-cuda130>=2.4"],
+        "test": ["pytest>=8", "transformers>=5,<6", "triton>=3.2", "nvidia-dali-cuda130>=2.4"],
     },
     entry_points={"console_scripts": ["megavlm-train=megavlm.train:main"]},
 )

@@ -77,8 +77,11 @@ std::vector<std::vector<int64_t>> pack_first_fit(const std::vector<int64_t>& len
 
 }  // namespace
 
+void register_blending(py::module_& m);
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "megavlm C++ helpers";
+  register_blending(m);
   m.def("pack_best_fit", &pack_best_fit, py::arg("lengths"), py::arg("budget"),
         "Best-fit-decreasing packing of sample lengths into bins of `budget` tokens; "
         "returns a list of bins, each a list of sample indices.");

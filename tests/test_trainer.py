@@ -131,6 +131,19 @@ def test_kernels_selected_by_recipe_train_and_evaluate_like_torch(single_process
     assert kernel_metrics == pytest.approx(torch_metrics, abs=1e-4)
 
 
+def test_packing_and_a_mixture_train(single_process, small_embedded, tmp_path):
+    sources = (f"data.sources=[{{path: {small_embedded}/captions_train.jsonl, format: captions, weight: 0.7}}, "
+               f"{{path: {small_embedded}/captions_val.jsonl, format: captions, weight: 0.3}}]")
+    trainer = Trainer(_recipe(tmp_path, small_embedded, "train.max_steps=3", "data.train=", sources, "data.packing=true",
+                              "train.seq_length=96", "data.augment.enabled=true", "stage.trainable=[connector,llm]", "eval.captions=null"))
+    trainer.run()
+    losses = _losses(tmp_path / "ckpt")
+    assert len(losses) == 3 and all(v == v for v in losses.values())  # finite
+    batches, _ = trainer.loader.next_step()
+    assert all(b["input_ids"].shape == (1, 96) and b["packed_seq_params"].qkv_format == "thd" for b in batches)
+    assert len(batches) <= 4  # 8 samples of ~30 tokens share rows of 96
+
+
 def test_keep_last_and_keep_best(tmp_path):
     from megavlm.config.recipe import CheckpointConfig
     from megavlm.models.registry import flavor_config

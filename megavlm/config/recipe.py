@@ -65,22 +65,67 @@ class OptimizerConfig:
         check(self.warmup_steps is None or self.warmup_steps >= 0, "optimizer.warmup_steps", "must be >= 0")
 
 
+DATA_FORMATS = Literal["captions", "conversations", "interleaved", "shards"]
+
+
+@dataclass
+class SourceConfig:
+    """One dataset of a mixture."""
+
+    path: str = ""
+    format: DATA_FORMATS = "conversations"
+    weight: float = 1.0
+    root: Optional[str] = None
+    name: str = ""
+
+    def __post_init__(self):
+        check(bool(self.path), "data.sources[].path", "each source needs a path")
+        check(self.weight >= 0, "data.sources[].weight", "must be >= 0")
+
+
+@dataclass
+class AugmentConfig:
+    """Light augmentation (stage 2): RandomResizedCrop, brightness/contrast jitter, horizontal flip."""
+
+    enabled: bool = False
+    crop_scale: list[float] = field(default_factory=lambda: [0.8, 1.0])
+    jitter: float = 0.1
+    flip_prob: float = 0.5
+    flip_text: Literal["swap", "skip"] = "swap"   # text with left/right: swap the words, or do not flip
+
+    def __post_init__(self):
+        check(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "data.augment.crop_scale",
+              "must be [low, high] within (0, 1]")
+        check(0 <= self.jitter < 1, "data.augment.jitter", "must be in [0, 1)")
+        check(0 <= self.flip_prob <= 1, "data.augment.flip_prob", "must be in [0, 1]")
+
+
 @dataclass
 class DataConfig:
-    format: Literal["captions", "conversations"] = "captions"
-    train: str = ""                      # path of the training file (JSONL captions or JSON conversations)
+    format: DATA_FORMATS = "captions"
+    train: str = ""                      # the training file (or a shard index); or give `sources`
+    sources: list[SourceConfig] = field(default_factory=list)   # a weighted mixture instead of `train`
+    samples_per_epoch: Optional[int] = None   # mixture epoch size (default: all sources' samples)
+    curriculum_key: Optional[str] = None # order samples easy -> hard by this numeric record field
     validation: Optional[str] = None
     test: Optional[str] = None
     root: Optional[str] = None           # image paths are relative to it (default: the file's folder)
     tokenizer: str = ""
     template: str = "plain"
+    end_of_chunk: Optional[str] = None   # interleaved documents: marker after each text chunk
     embedded: Optional[str] = None       # generate the embedded dataset here first (quick start)
-    num_workers: int = 0
+    image_backend: Literal["auto", "pil", "dali"] = "auto"   # auto: DALI (nvJPEG) on GPUs, else PIL
+    packing: bool = False                # pack samples into seq_length rows (THD, cu_seqlens)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    num_workers: int = 0                 # image-decoding threads (PIL) / DALI threads
+    prefetch: bool = True                # prepare the next step while this one trains
     max_skip_fraction: float = 0.01      # stop when more than this fraction of samples is bad
     shuffle: bool = True
 
     def __post_init__(self):
         check(0 <= self.max_skip_fraction <= 1, "data.max_skip_fraction", "must be in [0, 1]")
+        check(not (self.train and self.sources), "data.sources", "give data.train or data.sources, not both")
+        check(self.samples_per_epoch is None or self.samples_per_epoch > 0, "data.samples_per_epoch", "must be positive")
 
 
 @dataclass

@@ -5,6 +5,7 @@ Writes, under ``--out``:
   images/{split}/{id}.jpg            scenes on white, black or gray backgrounds
   captions_{split}.jsonl             {"image", "caption"} for stages 1-2 (feature alignment, pre-training)
   conversations_{split}.json         LLaVA-style {"image", "conversations": [human/gpt turns]} for stage 3
+  interleaved_{split}.jsonl          documents of 2-4 images, each followed by its caption (Flamingo-style)
   tokenizer.model                    sentencepiece model trained on all the text, "<image>" a user symbol
   manifest.json                      counts, seed and generator version
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-VERSION = 1
+VERSION = 2
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
 SHAPES = ("circle", "square", "triangle")
@@ -128,7 +129,19 @@ def _write_split(out: Path, split: str, count: int, rng: random.Random) -> tuple
         for record in captions:
             f.write(json.dumps(record) + "\n")
     (out / f"conversations_{split}.json").write_text(json.dumps(convs, indent=1))
+    _write_interleaved(out / f"interleaved_{split}.jsonl", captions, random.Random(f"interleaved-{split}"))
     return captions, convs
+
+
+def _write_interleaved(path: Path, captions: list[dict], rng: random.Random) -> None:
+    """Consecutive scenes grouped into documents: <image> caption <image> caption ..."""
+    with open(path, "w") as f:
+        start = 0
+        while start < len(captions):
+            group = captions[start: start + rng.randint(2, 4)]
+            content = [item for c in group for item in ({"image": c["image"]}, {"text": c["caption"]})]
+            f.write(json.dumps({"id": f"doc_{group[0]['id']}", "content": content}) + "\n")
+            start += len(group)
 
 
 def _train_tokenizer(out: Path, texts: list[str], vocab_size: int) -> None:

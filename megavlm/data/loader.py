@@ -1,19 +1,24 @@
-"""Micro-batches for the trainer: fixed-shape collation, skipped-sample accounting, workers.
+"""Per-step micro-batches for the trainer: records -> examples -> decoded images -> collation,
+with skipped-sample accounting and the next step prepared in the background.
 
-Every micro-batch has exactly ``micro_batch_size`` rows of ``seq_length`` tokens (pipeline
-stages exchange fixed shapes): short samples are right-padded with labels -100, and a bad sample
-is replaced by an all-padding row that carries no supervised token. Skips are counted by reason
-in ``SkipCounter`` (logged and saved with checkpoints); the run stops with an error naming the
-last bad sample only when the configured skip budget is exceeded.
+A sample that cannot be used (malformed record, missing/corrupt/degenerate image, more
+``<image>`` tags than images, over-length, template mismatch) is skipped and counted by reason
+(``SkipCounter``: logged, saved with checkpoints); the run stops with an error naming the last bad
+sample only when the skip budget is exceeded. One bad sample never crashes an epoch.
 """
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import copy
+import logging
+import threading
+from dataclasses import dataclass
 
-import torch
-
+from megavlm.data.collate import packed_batches, padded_batches
 from megavlm.data.templates import BadSample
-from megavlm.losses.lm_loss import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 
 class SkipBudgetExceeded(RuntimeError):
@@ -45,68 +50,100 @@ class SkipCounter:
         self.seen = int(state.get("seen", 0))
 
 
-class SafeDataset(torch.utils.data.Dataset):
-    """Turns a BadSample into a marker the collate function accounts for."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
+def load_examples(dataset, builder, backend, indices: list[int], epoch: int, pool=None) -> tuple[list, list]:
+    """(examples with decoded ``pixels``, [(reason, message)] of skipped samples), in index order."""
+    examples, skipped = [], []
+    for index in indices:
         try:
-            return self.dataset[index]
+            examples.append(builder.build(dataset[index], index, epoch))
         except BadSample as err:
-            return {"skipped": (err.reason, str(err))}
+            skipped.append((err.reason, str(err)))
+    items = [(data, aug, ex.sample_id, source) for ex in examples for data, aug, source in ex.images]
+    if pool is not None and backend.name == "pil" and len(items) > 1:
+        decoded = [r for chunk in pool.map(lambda it: backend.decode([it]), items) for r in chunk]
+    else:
+        decoded = backend.decode(items)
+    kept, cursor = [], 0
+    for ex in examples:
+        results = decoded[cursor: cursor + len(ex.images)]
+        cursor += len(ex.images)
+        bad = next((r for r in results if isinstance(r, BadSample)), None)
+        if bad is not None:
+            skipped.append((bad.reason, str(bad)))
+            continue
+        ex.pixels = results
+        kept.append(ex)
+    return kept, skipped
 
 
-class FixedShapeCollate:
-    def __init__(self, seq_length: int, pad_id: int, image_size: int):
-        self.seq_length, self.pad_id, self.image_size = seq_length, pad_id, image_size
-
-    def __call__(self, samples: list[dict]) -> dict:
-        n, s = len(samples), self.seq_length
-        input_ids = torch.full((n, s), self.pad_id, dtype=torch.long)
-        labels = torch.full((n, s), IGNORE_INDEX, dtype=torch.long)
-        images, per_sample, skipped, ids = [], [], [], []
-        for row, sample in enumerate(samples):
-            if "skipped" in sample:
-                skipped.append(sample["skipped"])
-                per_sample.append(0)
-                ids.append(None)
-                continue
-            length = len(sample["input_ids"])
-            input_ids[row, :length] = torch.tensor(sample["input_ids"])
-            labels[row, :length] = torch.tensor(sample["labels"])
-            images.append(sample["images"])
-            per_sample.append(sample["images"].shape[0])
-            ids.append(sample["id"])
-        return {
-            "input_ids": input_ids, "labels": labels,
-            "images": torch.cat(images) if images else torch.zeros(0, 3, self.image_size, self.image_size),
-            "images_per_sample": torch.tensor(per_sample, dtype=torch.long),
-            "sample_ids": ids, "skipped": skipped,
-        }
+@dataclass
+class LoaderConfig:
+    seq_length: int
+    micro_batch_size: int
+    pad_id: int
+    image_size: int
+    packing: bool = False
+    workers: int = 0
+    prefetch: bool = True
 
 
 class StepLoader:
-    """Yields, per training step, this rank's list of micro-batches (collated)."""
+    """``next_step()`` -> (micro-batches, skipped) for this rank's share of the next global batch.
+    ``consumed_state`` is the sampler position after the last step handed out (for checkpoints),
+    even while the following step is already being prepared."""
 
-    def __init__(self, dataset, sampler, collate: FixedShapeCollate, num_workers: int = 0):
-        self.sampler, self.collate = sampler, collate
-        self.safe = SafeDataset(dataset)
-        self.num_workers = num_workers
-        self._pool = None
+    def __init__(self, dataset, builder, sampler, backend, cfg: LoaderConfig):
+        self.dataset, self.builder, self.sampler, self.backend, self.cfg = dataset, builder, sampler, backend, cfg
+        self.pool = concurrent.futures.ThreadPoolExecutor(cfg.workers) if cfg.workers > 0 else None
+        self.consumed_state = copy.deepcopy(sampler.state)
+        self._pending = None
+        self._lock = threading.Lock()
 
-    def _load(self, indices: list[int]) -> dict:
-        return self.collate([self.safe[i] for i in indices])
-
-    def next_step(self) -> list[dict]:
+    def _produce(self):
         micro = self.sampler.next_step()
-        if self.num_workers == 0:
-            return [self._load(ix) for ix in micro]
-        if self._pool is None:
-            import concurrent.futures
-            self._pool = concurrent.futures.ThreadPoolExecutor(self.num_workers)
-        return list(self._pool.map(self._load, micro))
+        epoch = self.sampler.state.epoch
+        indices = [i for mb in micro for i in mb]
+        examples, skipped = load_examples(self.dataset, self.builder, self.backend, indices, epoch, self.pool)
+        c = self.cfg
+        if c.packing:
+            batches = packed_batches(examples, c.seq_length, c.pad_id, c.image_size)
+        else:
+            batches = padded_batches(examples, c.micro_batch_size, len(micro), c.seq_length, c.pad_id, c.image_size)
+        return batches, skipped, copy.deepcopy(self.sampler.state)
+
+    def _start(self):
+        if not self.cfg.prefetch:
+            return None
+        box: dict = {}
+
+        def work():
+            try:
+                box["value"] = self._produce()
+            except BaseException as err:  # surfaced in the main thread by next_step
+                box["error"] = err
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        return thread, box
+
+    def next_step(self) -> tuple[list[dict], list[tuple[str, str]]]:
+        if self._pending is None:
+            value = self._produce()
+        else:
+            thread, box = self._pending
+            thread.join()
+            if "error" in box:
+                raise box["error"]
+            value = box["value"]
+        batches, skipped, state = value
+        self.consumed_state = state
+        self._pending = self._start()
+        return batches, skipped
+
+    def reset(self, state) -> None:
+        """Continue from a sampler position (resume); drops a step prepared in the background."""
+        if self._pending is not None:
+            self._pending[0].join()
+            self._pending = None
+        self.sampler.state = copy.deepcopy(state)
+        self.consumed_state = copy.deepcopy(state)

@@ -1,6 +1,6 @@
 """Deterministic, DP-sharded, resumable order of samples.
 
-Epoch e visits a permutation seeded by (seed, e), cut into global batches (a last incomplete one
+Epoch e visits a permutation seeded by (seed, e) (or a fixed curriculum order), cut into global batches (a last incomplete one
 is dropped); DP rank r takes its contiguous slice of each global batch, split into micro-batches.
 The position is (epoch, global batches done): saved in checkpoints, so a resumed run neither
 repeats nor skips a sample.
@@ -23,7 +23,7 @@ class SamplerState:
 
 class GlobalBatchSampler:
     def __init__(self, num_samples: int, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 seed: int = 0, shuffle: bool = True, state: SamplerState | None = None):
+                 seed: int = 0, shuffle: bool = True, state: SamplerState | None = None, order: list[int] | None = None):
         if global_batch_size % (micro_batch_size * dp_size):
             raise ValueError(f"global batch {global_batch_size} is not divisible by micro batch {micro_batch_size} "
                              f"x data-parallel size {dp_size}")
@@ -32,6 +32,9 @@ class GlobalBatchSampler:
         self.num_samples, self.global_batch_size, self.micro_batch_size = num_samples, global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size, self.seed, self.shuffle = dp_rank, dp_size, seed, shuffle
         self.state = state or SamplerState()
+        self.order = torch.tensor(order) if order is not None else None  # a fixed order (curriculum)
+        if self.order is not None and len(self.order) != num_samples:
+            raise ValueError(f"order has {len(self.order)} entries for {num_samples} samples")
 
     @property
     def steps_per_epoch(self) -> int:
@@ -42,6 +45,8 @@ class GlobalBatchSampler:
         return self.global_batch_size // (self.micro_batch_size * self.dp_size)
 
     def _order(self, epoch: int) -> torch.Tensor:
+        if self.order is not None:
+            return self.order
         if not self.shuffle:
             return torch.arange(self.num_samples)
         return torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))

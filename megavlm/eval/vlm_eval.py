@@ -2,16 +2,17 @@
 forced) and VQA exact match (greedy), each next to the same model's score on a blank image."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from megavlm.data.datasets import CaptionDataset, load_image
-from megavlm.data.image_transforms import blank_image
-from megavlm.data.loader import FixedShapeCollate, SafeDataset
-from megavlm.data.templates import BadSample, ConversationEncoder, get_template, normalize_turns
+from megavlm.data.augment import ImageAug
+from megavlm.data.build import encoder_for, open_eval_source
+from megavlm.data.collate import pad_micro_batch
+from megavlm.data.examples import ExampleBuilder
+from megavlm.data.images import PILBackend, blank_image
+from megavlm.data.loader import load_examples
+from megavlm.data.templates import BadSample
 from megavlm.eval.generate import greedy_generate, token_accuracy
 from megavlm.training.stages import set_train_mode
 
@@ -27,46 +28,51 @@ class EvalContext:
     device: torch.device
 
 
-def _blank(batch: dict, size: int) -> dict:
-    n = batch["images"].shape[0]
-    return dict(batch, images=blank_image(size).expand(n, -1, -1, -1).contiguous().to(batch["images"].device))
-
-
 def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _micro_batches(dataset, ctx: EvalContext, limit: int) -> list[dict]:
-    collate = FixedShapeCollate(ctx.seq_length, ctx.tokenizer.pad_id, ctx.model_cfg.vision.image_size)
-    safe = SafeDataset(dataset)
-    n = min(limit, len(dataset)) // ctx.micro_batch_size * ctx.micro_batch_size
-    return [_to_device(collate([safe[i] for i in range(s, s + ctx.micro_batch_size)]), ctx.device)
-            for s in range(0, n, ctx.micro_batch_size)]
+def _with_blank_images(batch: dict, size: int) -> dict:
+    n = batch["images"].shape[0]
+    return dict(batch, images=blank_image(size).expand(n, -1, -1, -1).contiguous().to(batch["images"].device))
 
 
-def teacher_forced(ctx: EvalContext, dataset, limit: int, blank: bool) -> dict:
-    batches = _micro_batches(dataset, ctx, limit)
+def eval_micro_batches(ctx: EvalContext, source, template: str, limit: int) -> list[dict]:
+    """Padded micro-batches of the first ``limit`` usable samples (PIL decoding, no augmentation)."""
+    cfg = ctx.model_cfg
+    builder = ExampleBuilder(encoder_for(cfg, ctx.tokenizer, template), ctx.seq_length)
+    examples, _ = load_examples(source, builder, PILBackend(cfg.vision.image_size), list(range(min(limit, len(source)))), 0)
+    mbs = ctx.micro_batch_size
+    usable = len(examples) // mbs * mbs
+    return [_to_device(pad_micro_batch(examples[i:i + mbs], mbs, ctx.seq_length, ctx.tokenizer.pad_id,
+                                       cfg.vision.image_size), ctx.device) for i in range(0, usable, mbs)]
+
+
+def teacher_forced(ctx: EvalContext, source, template: str, limit: int, blank: bool) -> dict:
+    batches = eval_micro_batches(ctx, source, template, limit)
     if blank:
-        batches = [_blank(b, ctx.model_cfg.vision.image_size) for b in batches]
+        batches = [_with_blank_images(b, ctx.model_cfg.vision.image_size) for b in batches]
     return token_accuracy(ctx.model_chunks, batches, ctx.head, ctx.seq_length)
 
 
-def _vqa_items(path: Path, encoder: ConversationEncoder, cfg, seq_length: int, limit: int) -> list[dict]:
-    records = json.loads(path.read_text())
+def _vqa_items(ctx: EvalContext, source, template: str, limit: int) -> list[dict]:
+    """First question of each conversation: its prompt ids, the reference answer, decoded images."""
+    cfg = ctx.model_cfg
+    encoder = encoder_for(cfg, ctx.tokenizer, template)
+    backend = PILBackend(cfg.vision.image_size)
     items = []
-    for index, record in enumerate(records[:limit]):
-        sample_id = str(record.get("id", index))
+    for index in range(min(limit, len(source))):
         try:
-            question, answer = normalize_turns(record.get("conversations"), sample_id)[0]
-            image = record.get("image")
-            paths = [image] if isinstance(image, str) else list(image or [])
-            prompt = encoder.encode_prompt([], question, len(paths), sample_id)
-            if len(prompt) + 8 > seq_length:
-                continue
-            images = [load_image(path.parent / p, cfg.vision.image_size, sample_id) for p in paths]
+            record = source[index]
+            question, answer = record.turns[0]
+            prompt = encoder.encode_prompt([], question, len(record.images), record.sample_id)
+            data = [(ref.read(record.sample_id), ref.source) for ref in record.images]
         except BadSample:
             continue
-        items.append({"prompt": prompt, "answer": answer, "images": images})
+        pixels = backend.decode([(d, ImageAug(), record.sample_id, src) for d, src in data])
+        if len(prompt) + 8 > ctx.seq_length or any(isinstance(p, BadSample) for p in pixels):
+            continue
+        items.append({"prompt": prompt, "answer": answer, "images": pixels})
     return items
 
 
@@ -74,15 +80,13 @@ def _normalize_answer(text: str) -> str:
     return " ".join(text.lower().strip().rstrip(".").split())
 
 
-def vqa_exact_match(ctx: EvalContext, path: Path, template: str, limit: int, max_new_tokens: int,
-                    blank: bool) -> dict:
+def vqa_exact_match(ctx: EvalContext, source, template: str, limit: int, max_new_tokens: int, blank: bool) -> dict:
     cfg = ctx.model_cfg
-    encoder = ConversationEncoder(ctx.tokenizer, get_template(template), cfg.vision.tokens_per_image, cfg.image_token_id)
-    items = _vqa_items(path, encoder, cfg, ctx.seq_length, limit)
-    size = cfg.vision.image_size
+    items = _vqa_items(ctx, source, template, limit)
+    size, mbs = cfg.vision.image_size, ctx.micro_batch_size
+    evaluated = len(items) - len(items) % mbs
     correct = 0
-    mbs = ctx.micro_batch_size
-    for start in range(0, len(items) - len(items) % mbs, mbs):
+    for start in range(0, evaluated, mbs):
         chunk = items[start: start + mbs]
         ids = torch.full((mbs, ctx.seq_length), ctx.tokenizer.pad_id, dtype=torch.long)
         for row, item in enumerate(chunk):
@@ -97,7 +101,6 @@ def vqa_exact_match(ctx: EvalContext, path: Path, template: str, limit: int, max
                                   ctx.tokenizer.eos_id, max_new_tokens, exclude=cfg.image_token_id)
         for item, out in zip(chunk, outputs):
             correct += _normalize_answer(ctx.tokenizer.decode(out)) == _normalize_answer(item["answer"])
-    evaluated = len(items) - len(items) % mbs
     return {"exact_match": correct / max(evaluated, 1), "samples": evaluated}
 
 
@@ -105,25 +108,23 @@ def evaluate_vlm(ctx: EvalContext, eval_cfg, template: str) -> dict[str, float]:
     """The metrics the recipe asks for, with and without the image."""
     for chunk in ctx.model_chunks:
         set_train_mode(chunk, False)
-    cfg = ctx.model_cfg
     metrics: dict[str, float] = {}
     variants = [("", False)] + ([("_blank", True)] if eval_cfg.blank_image_baseline else [])
     if eval_cfg.captions:
-        plain = ConversationEncoder(ctx.tokenizer, get_template("plain"), cfg.vision.tokens_per_image, cfg.image_token_id)
-        captions = CaptionDataset(eval_cfg.captions, plain, cfg.vision.image_size, ctx.seq_length)
+        captions = open_eval_source(eval_cfg.captions, "captions", None, "eval.captions")
         for suffix, blank in variants:
-            result = teacher_forced(ctx, captions, eval_cfg.max_samples, blank)
-            metrics[f"caption_token_accuracy{suffix}"] = result["accuracy"]
+            metrics[f"caption_token_accuracy{suffix}"] = teacher_forced(ctx, captions, "plain", eval_cfg.max_samples,
+                                                                        blank)["accuracy"]
     if eval_cfg.vqa:
+        vqa = open_eval_source(eval_cfg.vqa, "conversations", None, "eval.vqa")
         for suffix, blank in variants:
-            result = vqa_exact_match(ctx, Path(eval_cfg.vqa), template, eval_cfg.max_samples, eval_cfg.max_new_tokens,
-                                     blank)
+            result = vqa_exact_match(ctx, vqa, template, eval_cfg.max_samples, eval_cfg.max_new_tokens, blank)
             metrics[f"vqa_exact_match{suffix}"] = result["exact_match"]
     return metrics
 
 
-def validation_loss(ctx: EvalContext, dataset, limit: int) -> dict[str, float]:
+def validation_loss(ctx: EvalContext, source, template: str, limit: int) -> dict[str, float]:
     for chunk in ctx.model_chunks:
         set_train_mode(chunk, False)
-    result = teacher_forced(ctx, dataset, limit, blank=False)
+    result = teacher_forced(ctx, source, template, limit, blank=False)
     return {"val/loss": result["loss"], "val/token_accuracy": result["accuracy"]}

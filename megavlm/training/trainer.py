@@ -1,6 +1,7 @@
 """The training loop of one stage: build from a recipe, train, evaluate, checkpoint, resume."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -16,10 +17,9 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megavlm.config.recipe import Recipe, dump_recipe
 from megavlm.config.schema import ConfigError
 from megavlm.data import embedded
-from megavlm.data.datasets import CaptionDataset, ConversationDataset
-from megavlm.data.loader import FixedShapeCollate, SkipCounter, StepLoader
-from megavlm.data.sampler import GlobalBatchSampler, SamplerState
-from megavlm.data.templates import ConversationEncoder, get_template
+from megavlm.data.build import build_step_loader, open_eval_source
+from megavlm.data.loader import SkipCounter
+from megavlm.data.sampler import SamplerState
 from megavlm.data.tokenizer import load_tokenizer
 from megavlm.eval.vlm_eval import EvalContext, evaluate_vlm, validation_loss
 from megavlm.models.common.hf_io import read_hf_dir
@@ -51,17 +51,12 @@ class Trainer:
             grad_reduce_in_fp32=True, use_distributed_optimizer=recipe.optimizer.distributed))
         configure_schedule([self.ddp])
         self.head = lm_head(recipe.model, self.pgs.tp, self.model.output_weight if self.ctx.is_last_stage else None)
-        self.encoder = ConversationEncoder(self.tokenizer, get_template(recipe.data.template),
-                                           recipe.model.vision.tokens_per_image, recipe.model.image_token_id)
-        self.train_set = self._dataset(recipe.data.train, "data.train")
-        self.val_set = self._dataset(recipe.data.validation, "data.validation") if recipe.data.validation else None
-        self.sampler = GlobalBatchSampler(len(self.train_set), recipe.train.global_batch_size,
-                                          recipe.train.micro_batch_size, self.ctx.dp_rank, self.ctx.dp_size,
-                                          seed=recipe.train.seed, shuffle=recipe.data.shuffle)
+        self.train_set, self.sampler, self.loader = build_step_loader(recipe, self.tokenizer, self.ctx.dp_rank,
+                                                                      self.ctx.dp_size)
+        self.val_set = (open_eval_source(recipe.data.validation, recipe.data.format, recipe.data.root, "data.validation")
+                        if recipe.data.validation else None)
         self.total_steps = recipe.train.max_steps or max(1, int(recipe.train.epochs * self.sampler.steps_per_epoch))
         self.optimizer, self.scheduler = self._build_optimizer()
-        self.loader = StepLoader(self.train_set, self.sampler, FixedShapeCollate(
-            recipe.train.seq_length, self.tokenizer.pad_id, recipe.model.vision.image_size), recipe.data.num_workers)
         self.skips = SkipCounter(recipe.data.max_skip_fraction)
         self.ckpt = CheckpointManager(recipe.checkpoint, recipe.model, dump_recipe(recipe)) if recipe.checkpoint.dir else None
         self.step, self.metrics, self.finished = 0, {}, False
@@ -113,15 +108,6 @@ class Trainer:
                                   f"checkpoint but {tuple(own[key].shape)} in the model: check model.* against it")
         model.load_state_dict({k: v.to(self.dtype) for k, v in local.items()}, strict=False)
 
-    def _dataset(self, path: str | None, key: str):
-        if not path:
-            raise ConfigError(f"missing key '{key}' in the recipe")
-        if not Path(path).is_file():
-            raise ConfigError(f"bad value for '{key}': {path} does not exist")
-        r = self.recipe
-        cls = CaptionDataset if r.data.format == "captions" else ConversationDataset
-        return cls(path, self.encoder, r.model.vision.image_size, r.train.seq_length, root=r.data.root)
-
     def _build_optimizer(self):
         opt = self.recipe.optimizer
         config = megatron_optimizer_config(opt, self.dtype)
@@ -142,7 +128,7 @@ class Trainer:
             return
         state = self.ckpt.load(path, self.model, self.optimizer)
         self.step = state["step"]
-        self.sampler.state = SamplerState(**state["sampler"])
+        self.loader.reset(SamplerState(**state["sampler"]))
         self.scheduler.load_state_dict(state["scheduler"])
         self.skips.load_state_dict(state.get("skips", {}))
         self.metrics = state.get("metrics", {})
@@ -151,7 +137,7 @@ class Trainer:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
     def save(self, finished: bool = False) -> Path:
-        state = {"sampler": self.sampler.state.to_dict(), "scheduler": self.scheduler.state_dict(),
+        state = {"sampler": self.loader.consumed_state.to_dict(), "scheduler": self.scheduler.state_dict(),
                  "skips": self.skips.state_dict(), "metrics": self.metrics, "stage": self.recipe.stage.name,
                  "finished": finished}
         return self.ckpt.save(self.step, self.model, self.optimizer, state)
@@ -175,9 +161,9 @@ class Trainer:
         self.skips.update(self.recipe.train.global_batch_size, dict(zip(SKIP_REASONS, counts.tolist())), last)
 
     def _batches(self) -> list[dict]:
-        batches = self.loader.next_step()
-        self._account_skips([s for b in batches for s in b.pop("skipped")])
-        return [{k: v.to(self.ctx.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+        batches, skipped = self.loader.next_step()
+        self._account_skips(skipped)
+        return [to_device(b, self.ctx.device) for b in batches]
 
     def _step_scalars(self, result, seconds: float, images: int) -> dict[str, float]:
         r = self.recipe
@@ -214,7 +200,8 @@ class Trainer:
                 start = time.perf_counter()
                 batches = self._batches()
                 images = int(sum(b["images_per_sample"].sum() for b in batches)) * self.ctx.dp_size
-                result = train_step([self.ddp], self.optimizer, batches, loss_fn, r.train.seq_length, r.train.micro_batch_size)
+                rows = 1 if r.data.packing else r.train.micro_batch_size  # a packed micro-batch is one THD row
+                result = train_step([self.ddp], self.optimizer, batches, loss_fn, r.train.seq_length, rows)
                 if not result.skipped:
                     self.scheduler.step(1)
                 self.step += 1
@@ -224,7 +211,7 @@ class Trainer:
                 if self.step % r.train.log_interval == 0 or self.step == self.total_steps:
                     logger.print(f"step {self.step}/{self.total_steps} loss {scalars['train/loss']:.4f} "
                                  f"grad_norm {scalars['train/grad_norm']:.3f} {scalars['train/tokens_per_s']:.0f} tok/s")
-                epoch_ended = self.sampler.state.step_in_epoch == self.sampler.steps_per_epoch
+                epoch_ended = self.loader.consumed_state.step_in_epoch == self.sampler.steps_per_epoch
                 if r.train.eval_interval and self.step % r.train.eval_interval == 0 and self.val_set is not None:
                     self.metrics = self._validate()
                     logger.log(self.step, self.metrics)
@@ -245,7 +232,8 @@ class Trainer:
                            r.train.micro_batch_size, self.ctx.device)
 
     def _validate(self) -> dict[str, float]:
-        metrics = validation_loss(self._eval_context(), self.val_set, self.recipe.train.eval_samples)
+        metrics = validation_loss(self._eval_context(), self.val_set, self.recipe.data.template,
+                                  self.recipe.train.eval_samples)
         set_train_mode(self.model)
         return metrics
 
@@ -264,6 +252,19 @@ class Trainer:
                                 "skipped": self.skips.state_dict()}, indent=2))
         logger.print(format_metrics(r.stage.name, metrics))
         return metrics
+
+
+def to_device(batch: dict, device) -> dict:
+    """Tensors (and the cu_seqlens of packed batches) onto the training device."""
+    out = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value):
+            value = value.to(device, non_blocking=True)
+        elif key == "packed_seq_params":
+            value = dataclasses.replace(value, cu_seqlens_q=value.cu_seqlens_q.to(device),
+                                        cu_seqlens_kv=value.cu_seqlens_kv.to(device))
+        out[key] = value
+    return out
 
 
 def format_metrics(stage: str, metrics: dict[str, float]) -> str:

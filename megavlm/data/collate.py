@@ -1,0 +1,85 @@
+"""Micro-batches of fixed shape: padded rows, or samples packed into token budgets.
+
+Padded: ``micro_batch_size`` rows of ``seq_length`` tokens, labels -100 on padding; a skipped
+sample becomes an all-padding row (no supervised token), so shapes never change (pipeline stages
+exchange fixed shapes).
+
+Packed: samples are assigned to rows of ``seq_length`` tokens by the C++ best-fit packer
+(``megavlm._C``); each row is a micro-batch of one sequence in megatron-core's THD layout, with
+position ids restarting per sample and ``cu_seqlens`` so attention never crosses samples (the
+padding tail is its own segment). A sample's loss terms are unchanged by packing.
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+
+from megavlm.losses.lm_loss import IGNORE_INDEX
+
+
+def _images(examples, image_size: int) -> torch.Tensor:
+    tensors = [t for ex in examples for t in ex.pixels]
+    return torch.stack(tensors) if tensors else torch.zeros(0, 3, image_size, image_size)
+
+
+def pad_micro_batch(examples: list, rows: int, seq_length: int, pad_id: int, image_size: int) -> dict:
+    input_ids = torch.full((rows, seq_length), pad_id, dtype=torch.long)
+    labels = torch.full((rows, seq_length), IGNORE_INDEX, dtype=torch.long)
+    for row, ex in enumerate(examples):
+        input_ids[row, : len(ex)] = torch.tensor(ex.input_ids)
+        labels[row, : len(ex)] = torch.tensor(ex.labels)
+    per_sample = [len(ex.pixels) for ex in examples] + [0] * (rows - len(examples))
+    return {"input_ids": input_ids, "labels": labels, "images": _images(examples, image_size),
+            "images_per_sample": torch.tensor(per_sample, dtype=torch.long),
+            "sample_ids": [ex.sample_id for ex in examples]}
+
+
+def padded_batches(examples: list, micro_batch_size: int, num_micro_batches: int, seq_length: int, pad_id: int,
+                   image_size: int) -> list[dict]:
+    return [pad_micro_batch(examples[i * micro_batch_size:(i + 1) * micro_batch_size], micro_batch_size, seq_length,
+                            pad_id, image_size) for i in range(num_micro_batches)]
+
+
+def pack_row(examples: list, seq_length: int, pad_id: int, image_size: int) -> dict:
+    ids, labels, positions, bounds = [], [], [], [0]
+    for ex in examples:
+        ids += ex.input_ids
+        labels += ex.labels
+        positions += list(range(len(ex)))
+        bounds.append(len(ids))
+    pad = seq_length - len(ids)
+    if pad:
+        ids += [pad_id] * pad
+        labels += [IGNORE_INDEX] * pad
+        positions += list(range(pad))
+        bounds.append(seq_length)
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                             max_seqlen_kv=longest)
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions]), "images": _images(examples, image_size),
+            "images_per_sample": torch.tensor([sum(len(ex.pixels) for ex in examples)], dtype=torch.long),
+            "packed_seq_params": params, "sample_ids": [ex.sample_id for ex in examples]}
+
+
+def packed_batches(examples: list, seq_length: int, pad_id: int, image_size: int) -> list[dict]:
+    """One micro-batch (a packed row) per bin; deterministic for the same examples."""
+    from megavlm import _C
+
+    if not examples:
+        return []
+    bins = _C.pack_best_fit([len(ex) for ex in examples], seq_length)
+    return [pack_row([examples[i] for i in sorted(b)], seq_length, pad_id, image_size) for b in bins]
+
+
+def padding_fraction(lengths: list[int], seq_length: int, micro_batch_size: int, packed: bool) -> float:
+    """Share of padding tokens: fixed-shape padded micro-batches vs packed rows."""
+    from megavlm import _C
+
+    tokens = sum(lengths)
+    if packed:
+        rows = len(_C.pack_best_fit(lengths, seq_length))
+        return 1 - tokens / (rows * seq_length)
+    rows = -(-len(lengths) // micro_batch_size) * micro_batch_size
+    return 1 - tokens / (rows * seq_length)

@@ -1,0 +1,65 @@
+"""Record -> training example: token ids, shifted labels, the image bytes and their augmentation.
+
+Chat records (captions, conversations) go through a chat template (labels on assistant turns
+only); interleaved documents are supervised on their text, with each image at its place in the
+reading order. ``<image>`` becomes the model's number of image tokens per image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megavlm.data.augment import ImageAug, augment_record
+from megavlm.data.records import Record
+from megavlm.data.templates import BadSample, ConversationEncoder, shifted_labels
+from megavlm.data.tokenizer import IMAGE_TOKEN
+
+
+@dataclass
+class Example:
+    sample_id: str
+    input_ids: list[int]
+    labels: list[int]
+    images: list[tuple[bytes, ImageAug, str]]   # (encoded bytes, augmentation, source for messages)
+    pixels: list = field(default_factory=list)  # decoded [3, S, S] tensors, filled by the loader
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class ExampleBuilder:
+    def __init__(self, encoder: ConversationEncoder, seq_length: int, augment=None, seed: int = 0,
+                 end_of_chunk: str | None = None):
+        self.encoder, self.seq_length = encoder, seq_length
+        self.augment, self.seed = augment, seed
+        self.end_of_chunk = end_of_chunk   # interleaved: a marker after each text chunk (Flamingo's <|endofchunk|>)
+
+    def _interleaved(self, record: Record, transform) -> tuple[list[int], list[bool]]:
+        enc, tok = self.encoder, self.encoder.tok
+        ids, sup = [tok.bos_id], [False]
+        for kind, value in record.segments:
+            if kind == "image":
+                ids += [enc.image_token_id] * enc.tokens_per_image
+                sup += [False] * enc.tokens_per_image
+                continue
+            if IMAGE_TOKEN in value:
+                raise BadSample("image_tag_mismatch", f"sample {record.sample_id}: an interleaved text chunk contains "
+                                                      f"{IMAGE_TOKEN}; images are content items")
+            text = transform(value) if transform else value
+            piece = tok.encode(text) + (tok.encode(self.end_of_chunk) if self.end_of_chunk else [])
+            ids += piece
+            sup += [True] * len(piece)
+        ids.append(tok.eos_id)
+        sup.append(True)
+        return ids, sup
+
+    def build(self, record: Record, index: int, epoch: int) -> Example:
+        augs, transform = augment_record(record, self.augment, self.seed, epoch, index)
+        if record.segments is not None:
+            ids, supervised = self._interleaved(record, transform)
+        else:
+            turns = [(transform(u), transform(a)) for u, a in record.turns] if transform else record.turns
+            ids, supervised = self.encoder.encode(turns, len(record.images), record.sample_id)
+        if len(ids) > self.seq_length:
+            raise BadSample("over_length", f"sample {record.sample_id}: {len(ids)} tokens exceed seq_length {self.seq_length}")
+        images = [(ref.read(record.sample_id), aug, ref.source) for ref, aug in zip(record.images, augs)]
+        return Example(record.sample_id, ids, shifted_labels(ids, supervised), images)
