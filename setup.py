@@ -41,7 +41,9 @@ setup(
         "hf": ["transformers>=5,<6"],
         "kernels": ["triton>=3.2"],
         "dali": ["nvidia-dali-cuda130>=2.4"],
-        "test": ["pytest>=8", "transformers>=5,<6", "triton>=3.2", "nvidia-dali-cuda130>=2.4"],
+        "peft": ["peft>=0.13", "torchao>=0.10"],
+        "test": ["pytest>=8", "transformers>=5,<6", "triton>=3.2", "nvidia-dali-cuda130>=2.4", "peft>=0.13",
+                 "torchao>=0.10"],
     },
     entry_points={"console_scripts": ["megavlm-train=megavlm.train:main"]},
 )

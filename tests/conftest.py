@@ -75,7 +75,7 @@ PARALLEL_WORKER = ROOT / "tests" / "workers" / "parallel_step.py"
 LAYOUT_SAMPLES, LAYOUT_SEQ = 4, 48
 
 
-def reference_step(single_ctx, cfg, hf_state, samples: int = LAYOUT_SAMPLES):
+def reference_step(single_ctx, cfg, hf_state, samples: int = LAYOUT_SAMPLES, lora_init=None):
     """Single process: same weights, the whole global batch as 4 micro-batches, one optimizer step."""
     from megavlm.config.model import ParallelConfig
     from megavlm.data.synthetic import synthetic_batches
@@ -84,19 +84,20 @@ def reference_step(single_ctx, cfg, hf_state, samples: int = LAYOUT_SAMPLES):
     from megavlm.training.build import build_model, load_local_state, wrap_ddp
     from megavlm.models.common.layer_specs import lm_head
     from megavlm.training.step import configure_schedule, lm_loss_fn
-    from tests.workers.parallel_step import make_optimizer, step_and_collect
+    from tests.workers.parallel_step import add_lora, make_optimizer, named_results, step_and_collect
 
     pgs = process_groups()
     adapter = get_family("llava").adapter_cls(cfg)
     model = build_model(cfg, ParallelConfig(), single_ctx, pgs)
     load_local_state(model, adapter.hf_to_megavlm(hf_state))
+    if lora_init:
+        add_lora(model, adapter, lora_init, single_ctx)
     ddp = wrap_ddp(model)
     configure_schedule([ddp])
     batches = synthetic_batches(cfg, samples, LAYOUT_SEQ, micro_batch_size=1, seed=0)
     loss_fn = lm_loss_fn(lm_head(cfg, pgs.tp, model.output_weight))
     out = step_and_collect(ddp, make_optimizer([ddp]), batches, loss_fn, LAYOUT_SEQ, single_ctx)
-    out = {k: adapter.megavlm_to_hf(v) if isinstance(v, dict) else v for k, v in out.items()}
-    return dict(out, batches=batches)
+    return dict(named_results(adapter, out), batches=batches)
 
 
 @pytest.fixture(scope="session")

@@ -43,9 +43,15 @@ def test_quickstart_learns_to_use_the_image(single_process, small_embedded, tmp_
         recipe = load_recipe(QUICKSTART / f"llava_debug_stage{stage}.yaml",
                              data_overrides(small_embedded, captions=stage < 3) + extra)
         metrics[stage] = Trainer(recipe).run()
-    print("stage 2:", metrics[2], "\nstage 3:", metrics[3])
+    # stage 3 again from the same stage-2 checkpoint, with LoRA (frozen LLM, adapters + connector)
+    lora = load_recipe(QUICKSTART / "llava_debug_stage3_lora.yaml", data_overrides(small_embedded, captions=False) + [
+        f"checkpoint.dir={tmp_path}/stage3-lora", "train.max_steps=200", f"stage.init_from={tmp_path}/stage2",
+        f"eval.vqa={small_embedded}/conversations_test.json", *short])
+    metrics["lora"] = Trainer(lora).run()
+    print("stage 2:", metrics[2], "\nstage 3:", metrics[3], "\nstage 3 LoRA:", metrics["lora"])
     assert metrics[2]["caption_token_accuracy"] > metrics[2]["caption_token_accuracy_blank"] + 0.1
     assert metrics[3]["vqa_exact_match"] > metrics[3]["vqa_exact_match_blank"] + 0.15
+    assert metrics["lora"]["vqa_exact_match"] > metrics["lora"]["vqa_exact_match_blank"] + 0.1
 
 
 @pytest.mark.multiproc

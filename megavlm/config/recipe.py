@@ -16,6 +16,29 @@ from megavlm.config.model import ModelConfig, ParallelConfig
 from megavlm.config.schema import ConfigError, apply_overrides, check, from_dict, to_dict
 
 COMPONENT_NAMES = ("vision", "connector", "fusion", "llm", "lora")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters on the language model's linears; the base stays frozen."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])   # q k v o gate up down
+    quantize_base: Literal["none", "nf4"] = "none"    # nf4: QLoRA (frozen base in 4-bit NF4, double-quantised)
+    save_merged: bool = False    # at the end, also write a checkpoint with the adapters merged into the base
+    export_peft: bool = False    # at the end, also write the adapters in PEFT's format for the HF-converted model
+
+    def __post_init__(self):
+        check(self.rank > 0, "stage.lora.rank", "must be positive")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        check(not unknown and bool(self.targets), "stage.lora.targets",
+              f"unknown or no target(s) {unknown}; known: {', '.join(LORA_TARGETS)}")
+        check(0 <= self.dropout < 1, "stage.lora.dropout", "must be in [0, 1)")
+        check(not (self.save_merged and self.quantize_base == "nf4"), "stage.lora.save_merged",
+              "merging into NF4 base weights is not supported; merge from the full-precision base instead")
 
 
 @dataclass
@@ -32,6 +55,7 @@ class StageConfig:
     # or stand-alone pretrained parts, e.g. {vision: /models/clip-vit-large-patch14-336, llm: /models/vicuna-7b-v1.5}
     # (HF directories); components not listed keep their random initialisation (the connector)
     init_components_from_hf: dict[str, str] = field(default_factory=dict)
+    lora: Optional[LoRAConfig] = None    # LoRA / QLoRA: then "lora" trains and "llm" does not
 
     def __post_init__(self):
         for key, names in (("stage.trainable", self.trainable), ("stage.lr", list(self.lr)),
@@ -39,6 +63,11 @@ class StageConfig:
             unknown = [n for n in names if n not in COMPONENT_NAMES]
             check(not unknown, key, f"unknown component(s) {unknown}; known: {', '.join(COMPONENT_NAMES)}")
         check(bool(self.trainable), "stage.trainable", "at least one component must train")
+        if self.lora is not None:
+            check("lora" in self.trainable, "stage.trainable", "stage.lora is set: list 'lora' among the trainable components")
+            check("llm" not in self.trainable, "stage.trainable", "with stage.lora the LLM base stays frozen: remove 'llm'")
+        else:
+            check("lora" not in self.trainable, "stage.trainable", "'lora' trains only with a stage.lora section")
         sources = [bool(self.init_from), bool(self.init_from_hf), bool(self.init_components_from_hf)]
         check(sum(sources) <= 1, "stage.init_from",
               "give one of init_from, init_from_hf, init_components_from_hf")
@@ -159,6 +188,9 @@ class CheckpointConfig:
     keep_best: int = 0
     best_metric: str = "val/loss"
     best_mode: Literal["min", "max"] = "min"
+    # Save only what trains (adapters, connector) and its optimizer state: small files; resuming
+    # rebuilds the frozen rest from stage.init_from. Required for QLoRA.
+    trainable_only: bool = False
 
     def __post_init__(self):
         check(self.keep_last >= 1, "checkpoint.keep_last", "must keep at least the last checkpoint")
@@ -194,6 +226,14 @@ class Recipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        lora = self.stage.lora
+        if lora is not None:
+            check(self.model.transformer_impl == "local", "model.transformer_impl",
+                  "LoRA adapts megatron-core's local parallel linears; use transformer_impl: local")
+            check(lora.quantize_base != "nf4" or self.checkpoint.trainable_only, "checkpoint.trainable_only",
+                  "QLoRA keeps the base in NF4 only in memory: set checkpoint.trainable_only: true")
 
 
 def _merge(base: dict, update: dict) -> dict:

@@ -45,8 +45,9 @@ def _barrier() -> None:
 
 
 # ---- model-only checkpoints (converter, stage initialisation) -------------------------------
-def save_model(model: torch.nn.Module, model_cfg: ModelConfig, path: str | Path) -> None:
-    """Collective: every rank writes its shards of ``model`` (an unwrapped model chunk)."""
+def save_model(model: torch.nn.Module, model_cfg: ModelConfig, path: str | Path, exclude: str | None = None) -> None:
+    """Collective: every rank writes its shards of ``model`` (an unwrapped model chunk); keys
+    containing ``exclude`` (e.g. merged-away LoRA adapters) are left out."""
     from megatron.core import dist_checkpointing
 
     path = Path(path)
@@ -54,7 +55,10 @@ def save_model(model: torch.nn.Module, model_cfg: ModelConfig, path: str | Path)
         (path / MODEL_SUBDIR).mkdir(parents=True, exist_ok=True)
         (path / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(to_dict(model_cfg), sort_keys=False))
     _barrier()
-    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(path / MODEL_SUBDIR))
+    state = model.sharded_state_dict()
+    if exclude:
+        state = {k: v for k, v in state.items() if exclude not in k}
+    dist_checkpointing.save({"model": state}, str(path / MODEL_SUBDIR))
 
 
 def read_model_config(path: str | Path) -> ModelConfig:
@@ -148,6 +152,9 @@ class CheckpointManager:
     # -- save --
     def _sharded_state(self, model, optimizer, world_size: int, loading: bool = False) -> dict:
         model_sd = model.sharded_state_dict()
+        if self.cfg.trainable_only:  # adapters and connector only; the frozen rest comes from stage.init_from
+            trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+            model_sd = {k: v for k, v in model_sd.items() if k in trainable}
         state = {"model": model_sd, "rng_state": _rng_sharded_object(world_size)}
         if optimizer is not None:
             # Distributed optimizer: megatron-core 0.16's fully reshardable format cannot restore torch
@@ -239,7 +246,13 @@ class CheckpointManager:
         if not same_world:
             template.pop("rng_state")
         state = dist_checkpointing.load(template, os.fspath(_require_dist_checkpoint(path)))
-        load_local_state(model, state["model"])
+        if self.cfg.trainable_only:
+            missing = set(template["model"]) - set(state["model"])
+            if missing:
+                raise KeyError(f"checkpoint {path} lacks trainable tensors {sorted(missing)[:4]}")
+            model.load_state_dict(state["model"], strict=False)
+        else:
+            load_local_state(model, state["model"])
         if optimizer is not None:
             with torch.no_grad():  # the fp32 main params are views of the (trainable) model params
                 optimizer.load_state_dict(state["optimizer"])

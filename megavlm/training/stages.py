@@ -12,9 +12,15 @@ from megavlm.models.common.tags import component_of
 
 
 def apply_stage(model: torch.nn.Module, stage: StageConfig) -> dict[str, int]:
-    """Freeze every parameter whose component is not trainable in ``stage``; returns the number of
-    trainable parameters per component on this rank. Frozen parameters get no gradient buffer in
-    megatron-core's DDP and no optimizer state (both only look at ``requires_grad``)."""
+    """Insert LoRA adapters when the stage asks for them, then freeze every parameter whose
+    component is not trainable in ``stage``; returns the number of trainable parameters per
+    component on this rank. Frozen parameters get no gradient buffer in megatron-core's DDP and
+    no optimizer state (both only look at ``requires_grad``)."""
+    if stage.lora is not None:
+        from megavlm.peft.lora import apply_lora
+
+        language = model.language_model
+        apply_lora(language, stage.lora, gated=language.config.gated_linear_unit)
     counts: dict[str, int] = {}
     for param in model.parameters():
         component = component_of(param)

@@ -250,8 +250,43 @@ class Trainer:
                 (Path(r.checkpoint.dir) / "final_metrics.json").write_text(
                     json.dumps({"step": self.step, "checkpoint": str(path), "metrics": metrics,
                                 "skipped": self.skips.state_dict()}, indent=2))
+        if r.stage.lora is not None and (r.stage.lora.save_merged or r.stage.lora.export_peft):
+            self._export_lora(logger)
         logger.print(format_metrics(r.stage.name, metrics))
         return metrics
+
+    def _export_lora(self, logger: MetricsLogger) -> None:
+        """Merged checkpoint and/or PEFT adapters + the HF-converted model they apply to."""
+        from megavlm.parallel.gather import gather_shards
+        from megavlm.peft.export import write_peft
+        from megavlm.peft.lora import merge_lora, unmerge_lora
+        from megavlm.training.checkpoint import save_model
+
+        r, root = self.recipe, Path(self.recipe.checkpoint.dir or "outputs")
+        lora = r.stage.lora
+        if lora.save_merged:
+            merge_lora(self.model)
+            save_model(self.model, r.model, root / "merged", exclude=".lora.")
+            unmerge_lora(self.model)
+            logger.print(f"wrote the merged checkpoint {root / 'merged'}")
+        if lora.export_peft:
+            tensors = {k: v for k, v in self.model.state_dict().items() if torch.is_tensor(v)}
+            shards = gather_shards(tensors, self.ctx.tp_rank, self.ctx.pp_rank, self.ctx.dp_rank)
+            if self.ctx.is_main:
+                family = get_family(r.model.family)
+                adapter = family.adapter_cls(r.model, self.ctx.tp_size, self.ctx.pp_size,
+                                             r.parallel.first_stage_layers, r.parallel.last_stage_layers)
+                full = adapter.plan.unshard(shards)
+                write_peft(root / "peft", {k: v for k, v in full.items() if ".lora." in k}, lora, r.model.family,
+                           base_model=str(root / "hf_base"))
+                if lora.quantize_base != "nf4":
+                    from megavlm.models.common.hf_io import write_hf_dir
+
+                    config, hf_state = family.complete_for_hf(r.model, adapter.megavlm_to_hf(shards), None)
+                    write_hf_dir(root / "hf_base", config, hf_state)
+                logger.print(f"wrote PEFT adapters {root / 'peft'}" +
+                             ("" if lora.quantize_base == "nf4" else f" for the HF model {root / 'hf_base'}"))
+            dist.barrier()
 
 
 def to_device(batch: dict, device) -> dict:

@@ -46,6 +46,33 @@ def step_and_collect(ddp, optimizer, batches, loss_fn, seq_length, ctx) -> dict:
     return out
 
 
+def named_results(adapter, collected: dict) -> dict:
+    """Gathered {(tp, pp): tensors} -> HF names (whole models) and full-form LoRA tensors."""
+    out = {}
+    for key, value in collected.items():
+        if not isinstance(value, dict):
+            out[key] = value
+            continue
+        full = adapter.plan.unshard(value)
+        out[f"lora_{key}"] = {k: v for k, v in full.items() if ".lora." in k}
+        whole = "vision.patch_embed.weight" in full  # LoRA runs have no gradient for the frozen parts
+        out[key] = adapter.megavlm_to_hf(value) if whole else {k: v for k, v in full.items() if ".lora." not in k}
+    return out
+
+
+def add_lora(model, adapter, path, ctx):
+    """LoRA on every target (connector + adapters train), adapter weights from a full-form file."""
+    from megavlm.config.recipe import LoRAConfig, StageConfig
+    from megavlm.training.stages import apply_stage
+
+    full = load_file(path)
+    targets = sorted({k.split(".lora.")[1].split(".")[0] for k in full})
+    apply_stage(model, StageConfig(trainable=["connector", "lora"], lora=LoRAConfig(rank=4, alpha=8, targets=targets)))
+    local = adapter.plan.shard(full, ctx.tp_rank, ctx.pp_rank)
+    missing, unexpected = model.load_state_dict(local, strict=False)
+    assert not unexpected, unexpected
+
+
 def run_layout(args, tp, pp, hf_weights, save_checkpoint=False):
     parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp)
     ctx = pinit.initialize(parallel, seed=args.seed)
@@ -54,6 +81,8 @@ def run_layout(args, tp, pp, hf_weights, save_checkpoint=False):
     adapter = get_family("llava").adapter_cls(cfg, tp_size=tp, pp_size=pp)
     model = build_model(cfg, parallel, ctx, pgs)
     load_local_state(model, adapter.hf_to_megavlm(hf_weights, ctx.tp_rank, ctx.pp_rank))
+    if args.lora_init:
+        add_lora(model, adapter, args.lora_init, ctx)
     ddp = wrap_ddp(model)
     configure_schedule([ddp])
 
@@ -75,7 +104,7 @@ def run_layout(args, tp, pp, hf_weights, save_checkpoint=False):
     optimizer = make_optimizer([ddp]) if args.optimizer_step else None
     collected = step_and_collect(ddp, optimizer, mine, loss_fn, args.seq_length, ctx)
     if ctx.is_main:
-        result.update({k: adapter.megavlm_to_hf(v) if isinstance(v, dict) else v for k, v in collected.items()})
+        result.update(named_results(adapter, collected))
 
     if save_checkpoint:
         from megatron.core import dist_checkpointing
@@ -98,6 +127,7 @@ def main():
     parser.add_argument("--optimizer-step", action="store_true")
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--override", action="append", default=[], help="model config key=value")
+    parser.add_argument("--lora-init", default=None, help="safetensors of full-form LoRA tensors to train")
     args = parser.parse_args()
     hf_weights = load_file(args.init)
     layouts = args.layouts.split(",")

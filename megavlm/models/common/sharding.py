@@ -19,6 +19,10 @@ from megavlm.parallel.layout import pipeline_layer_ranges
 _COLUMN = re.compile(r"(linear_qkv|linear_q|linear_kv|linear_fc1)\.(weight|bias)$")
 _ROW = re.compile(r"(linear_proj|linear_fc2)\.weight$")
 _VOCAB = re.compile(r"(word_embeddings|output_layer)\.weight$")
+# LoRA adapters split like the layer they adapt: B with a column-parallel layer's rows, A with a
+# row-parallel layer's input columns; the other factor is replicated.
+_LORA_COLUMN = re.compile(r"(linear_qkv|linear_fc1)\.lora\.\w+\.lora_B$")
+_LORA_ROW = re.compile(r"(linear_proj|linear_fc2)\.lora\.\w+\.lora_A$")
 
 
 @dataclass
@@ -71,6 +75,8 @@ class ShardingPlan:
 
     # ---- tensor-parallel split ----------------------------------------------------------
     def _rule(self, key: str) -> str:
+        if ".lora." in key:
+            return "column" if _LORA_COLUMN.search(key) else "row" if _LORA_ROW.search(key) else "replicated"
         if _VOCAB.search(key):
             return "vocab"
         if _COLUMN.search(key):
