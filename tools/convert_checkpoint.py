@@ -41,7 +41,6 @@ def _build(model_cfg, dtype):
 def hf_to_megavlm(args) -> Path:
     from megavlm.models.common.hf_io import read_hf_dir
     from megavlm.models.registry import family_for_hf
-    from megavlm.training.build import load_local_state
     from megavlm.training.checkpoint import save_model
 
     hf_config, hf_state = read_hf_dir(args.hf)
@@ -49,7 +48,15 @@ def hf_to_megavlm(args) -> Path:
     model_cfg = family.config_from_hf(hf_config, flavor=args.flavor or Path(args.hf).name)
     model = _build(model_cfg, DTYPES[args.dtype])
     adapter = family.adapter_cls(model_cfg)
-    load_local_state(model, {k: v.to(DTYPES[args.dtype]) for k, v in adapter.hf_to_megavlm(hf_state).items()})
+    missing, unexpected = model.load_state_dict(
+        {k: v.to(DTYPES[args.dtype]) for k, v in adapter.hf_to_megavlm(hf_state).items()}, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    fresh = [k for k in missing if k.startswith(adapter.not_in_hf)]
+    if unexpected or len(fresh) != len(missing):
+        raise KeyError(f"the HF checkpoint does not match the model: missing {sorted(set(missing) - set(fresh))[:8]}, "
+                       f"unexpected {unexpected[:8]}")
+    if fresh:
+        print(f"{len(fresh)} megavlm tensors have no HF counterpart and keep their initialisation: {fresh}")
     unused = adapter.unused_hf_keys(hf_state)
     save_model(model, model_cfg, args.out)
     print(f"wrote megavlm checkpoint {args.out} ({family.name}, {sum(p.numel() for p in model.parameters()):,} "
@@ -88,14 +95,37 @@ def verify(hf_dir: Path, ckpt: Path, dtype: torch.dtype, seed: int = 0) -> float
     model_cfg = read_model_config(ckpt)
     model = _build(model_cfg, dtype)
     load_model(model, ckpt)
+    if model_cfg.head == "qformer":
+        return _verify_retrieval(hf_dir, model, dtype)
     hf_cls = getattr(transformers, get_family(model_cfg.family).hf_class)
     hf = hf_cls.from_pretrained(str(hf_dir), dtype=dtype, local_files_only=True).eval()
-    seq = 16 + 2 * model_cfg.vision.tokens_per_image
+    seq = 16 + 2 * model_cfg.image_tokens
     batch = synthetic_batches(model_cfg, 2, seq, micro_batch_size=2, seed=seed, image_pattern=(1, 2))[0]
     with torch.no_grad():
         ref = hf(input_ids=batch["input_ids"], pixel_values=batch["images"].to(dtype)).logits.float()
         out = model(batch["input_ids"], images=batch["images"], images_per_sample=batch["images_per_sample"])
     return (out[..., : ref.shape[-1]].float() - ref).abs().max().item()
+
+
+def _verify_retrieval(hf_dir: Path, model, dtype: torch.dtype) -> float:
+    """BLIP-2 stage-1 checkpoints: ITM logits against Blip2ForImageTextRetrieval."""
+    import transformers
+
+    from megavlm.losses.blip2 import query_mask
+
+    hf = transformers.Blip2ForImageTextRetrieval.from_pretrained(str(hf_dir), dtype=dtype, local_files_only=True).eval()
+    cfg = model.model_config
+    g = torch.Generator().manual_seed(0)
+    size = cfg.vision.image_size
+    images = torch.randn(2, 3, size, size, generator=g).to(dtype)
+    ids = torch.randint(5, min(cfg.qformer.vocab_size, 1000), (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    q = cfg.qformer.num_query_tokens
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=images, attention_mask=mask, use_image_text_matching_head=True)
+        hidden = model.qformer(image=model.image_features(images), text_ids=ids, mask=query_mask(q, mask))
+        ours = model.heads["itm"](hidden[:, :q]).mean(1)
+    return (ours.float() - ref.logits_per_image.float()).abs().max().item()
 
 
 def main(argv=None) -> int:

@@ -26,6 +26,7 @@ class VisionConfig:
     # -2 = second-to-last (LLaVA). Only the layers up to it are built and run.
     feature_layer: int = -2
     keep_class_token: bool = False  # LLaVA's "default" select strategy drops it
+    post_norm: bool = False         # a final LayerNorm on the features (BLIP-2's ViT)
 
     def __post_init__(self):
         check(self.image_size % self.patch_size == 0, "vision.image_size",
@@ -93,8 +94,32 @@ class LanguageConfig:
 class ConnectorConfig:
     """Maps vision features to LLM embeddings."""
 
-    type: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
+    type: Literal["mlp2x_gelu", "linear", "qformer"] = "mlp2x_gelu"
     bias: bool = True
+
+
+@dataclass
+class QFormerConfig:
+    """BLIP-2's querying transformer: BERT-style post-LN layers over learned queries (and text),
+    cross-attending to the image features every ``cross_attention_freq`` layers."""
+
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    ffn_hidden_size: int = 3072
+    num_query_tokens: int = 32
+    cross_attention_freq: int = 2
+    vocab_size: int = 30523
+    max_position_embeddings: int = 512
+    norm_eps: float = 1e-12
+    embed_dim: int = 256            # ITC projection size
+    dec_token_id: int = 1           # the [DEC] token that starts ITG's text (BERT's added bos)
+    text_input: bool = True         # text embeddings and text FFNs (ITC/ITM/ITG); generation alone needs none
+
+    def __post_init__(self):
+        check(self.hidden_size % self.num_heads == 0, "qformer.num_heads",
+              f"hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads")
+        check(self.cross_attention_freq >= 1, "qformer.cross_attention_freq", "must be >= 1")
 
 
 @dataclass
@@ -113,11 +138,15 @@ class KernelConfig:
 
 @dataclass
 class ModelConfig:
-    family: Literal["llava"] = "llava"
+    family: Literal["llava", "blip2"] = "llava"
     flavor: str = ""
+    # What the model computes: "lm" (next-token loss through the LLM) or "qformer" (BLIP-2 stage 1:
+    # ITC/ITM/ITG on the Q-Former, no LLM).
+    head: Literal["lm", "qformer"] = "lm"
     vision: VisionConfig = field(default_factory=VisionConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    qformer: Optional[QFormerConfig] = None
     image_token_id: int = 32000
     # Implementation of the transformer layers: chosen in models/common/layer_specs.py only.
     transformer_impl: Literal["local", "te"] = "local"
@@ -127,6 +156,14 @@ class ModelConfig:
     def __post_init__(self):
         check(0 <= self.image_token_id < self.language.vocab_size, "image_token_id",
               f"{self.image_token_id} is outside the vocabulary (size {self.language.vocab_size})")
+        check((self.connector.type == "qformer") == (self.qformer is not None), "qformer",
+              "a qformer section goes with connector.type: qformer")
+        check(self.head == "lm" or self.qformer is not None, "head", "head: qformer needs a qformer section")
+
+    @property
+    def image_tokens(self) -> int:
+        """LLM positions one image fills: the Q-Former's queries, or the ViT's tokens."""
+        return self.qformer.num_query_tokens if self.qformer is not None else self.vision.tokens_per_image
 
 
 @dataclass

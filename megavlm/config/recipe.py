@@ -56,6 +56,8 @@ class StageConfig:
     # (HF directories); components not listed keep their random initialisation (the connector)
     init_components_from_hf: dict[str, str] = field(default_factory=dict)
     lora: Optional[LoRAConfig] = None    # LoRA / QLoRA: then "lora" trains and "llm" does not
+    # Objective weights of a multi-objective head (BLIP-2 stage 1: itc, itm, itg; default 1 each)
+    loss_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         for key, names in (("stage.trainable", self.trainable), ("stage.lr", list(self.lr)),
@@ -68,9 +70,8 @@ class StageConfig:
             check("llm" not in self.trainable, "stage.trainable", "with stage.lora the LLM base stays frozen: remove 'llm'")
         else:
             check("lora" not in self.trainable, "stage.trainable", "'lora' trains only with a stage.lora section")
-        sources = [bool(self.init_from), bool(self.init_from_hf), bool(self.init_components_from_hf)]
-        check(sum(sources) <= 1, "stage.init_from",
-              "give one of init_from, init_from_hf, init_components_from_hf")
+        check(not (self.init_from_hf and (self.init_from or self.init_components_from_hf)), "stage.init_from_hf",
+              "init_from_hf gives the whole model: do not combine it with init_from / init_components_from_hf")
 
 
 @dataclass
@@ -213,6 +214,7 @@ class EvalConfig:
     blank_image_baseline: bool = True    # also score the same model given a blank image
     max_samples: int = 200
     max_new_tokens: int = 8
+    rerank_top_k: int = 8                # BLIP-2 retrieval: ITM re-ranks the ITC top-k
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from megavlm.config.schema import ConfigError
-from megavlm.data.examples import ExampleBuilder
 from megavlm.data.images import make_backend
 from megavlm.data.loader import LoaderConfig, StepLoader
 from megavlm.data.mixture import MixtureDataset, curriculum_order
@@ -36,23 +35,21 @@ def training_dataset(data):
 
 
 def encoder_for(model_cfg, tokenizer, template: str) -> ConversationEncoder:
-    return ConversationEncoder(tokenizer, get_template(template), model_cfg.vision.tokens_per_image,
+    return ConversationEncoder(tokenizer, get_template(template), model_cfg.image_tokens,
                                model_cfg.image_token_id)
 
 
-def build_step_loader(recipe, tokenizer, dp_rank: int, dp_size: int):
-    """(dataset, sampler, loader) for training."""
+def build_step_loader(recipe, tokenizer, builder, collate: str, dp_rank: int, dp_size: int):
+    """(dataset, sampler, loader) for training; ``builder`` turns records into examples."""
     data, train = recipe.data, recipe.train
     dataset = training_dataset(data)
     order = curriculum_order(dataset) if data.curriculum_key else None
     sampler = GlobalBatchSampler(len(dataset), train.global_batch_size, train.micro_batch_size, dp_rank, dp_size,
                                  seed=train.seed, shuffle=data.shuffle, order=order)
-    builder = ExampleBuilder(encoder_for(recipe.model, tokenizer, data.template), train.seq_length,
-                             augment=data.augment, seed=train.seed, end_of_chunk=data.end_of_chunk)
     backend = make_backend(data.image_backend, recipe.model.vision.image_size, max(1, data.num_workers))
     cfg = LoaderConfig(train.seq_length, train.micro_batch_size, tokenizer.pad_id, recipe.model.vision.image_size,
                        packing=data.packing, workers=data.num_workers if backend.name == "pil" else 0,
-                       prefetch=data.prefetch)
+                       prefetch=data.prefetch, collate=collate)
     return dataset, sampler, StepLoader(dataset, builder, sampler, backend, cfg)
 
 

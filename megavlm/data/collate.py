@@ -83,3 +83,22 @@ def padding_fraction(lengths: list[int], seq_length: int, micro_batch_size: int,
         return 1 - tokens / (rows * seq_length)
     rows = -(-len(lengths) // micro_batch_size) * micro_batch_size
     return 1 - tokens / (rows * seq_length)
+
+
+def text_micro_batch(examples: list, rows: int, text_length: int, pad_id: int, image_size: int) -> dict:
+    """Q-Former batches: one image and one text per row; skipped rows are dropped (no pipeline
+    stages here, and ITC/ITM need real pairs)."""
+    text_ids = torch.full((len(examples), text_length), pad_id, dtype=torch.long)
+    text_mask = torch.zeros(len(examples), text_length, dtype=torch.long)
+    for row, ex in enumerate(examples):
+        text_ids[row, : len(ex)] = torch.tensor(ex.input_ids)
+        text_mask[row, : len(ex)] = 1
+    return {"images": _images(examples, image_size), "text_ids": text_ids, "text_mask": text_mask,
+            "images_per_sample": torch.ones(len(examples), dtype=torch.long),
+            "sample_ids": [ex.sample_id for ex in examples]}
+
+
+def text_batches(examples: list, micro_batch_size: int, num_micro_batches: int, text_length: int, pad_id: int,
+                 image_size: int) -> list[dict]:
+    chunks = [examples[i * micro_batch_size:(i + 1) * micro_batch_size] for i in range(num_micro_batches)]
+    return [text_micro_batch(c, micro_batch_size, text_length, pad_id, image_size) for c in chunks if c]

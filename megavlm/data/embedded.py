@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-VERSION = 2
+VERSION = 3
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
 SHAPES = ("circle", "square", "triangle")
@@ -151,7 +151,7 @@ def _train_tokenizer(out: Path, texts: list[str], vocab_size: int) -> None:
     corpus.write_text("\n".join(texts) + "\n")
     spm.SentencePieceTrainer.train(
         input=str(corpus), model_prefix=str(out / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
-        user_defined_symbols=["<image>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        user_defined_symbols=["<image>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "[DEC]"],
         character_coverage=1.0, hard_vocab_limit=False,
         bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2, num_threads=1,
     )

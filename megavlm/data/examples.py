@@ -63,3 +63,22 @@ class ExampleBuilder:
             raise BadSample("over_length", f"sample {record.sample_id}: {len(ids)} tokens exceed seq_length {self.seq_length}")
         images = [(ref.read(record.sample_id), aug, ref.source) for ref, aug in zip(record.images, augs)]
         return Example(record.sample_id, ids, shifted_labels(ids, supervised), images)
+
+
+class TextExampleBuilder:
+    """Image-caption record -> the Q-Former's text: [bos] caption [eos], cut to ``max_tokens``
+    (BLIP-2 stage 1 has no chat template and no LLM)."""
+
+    def __init__(self, tokenizer, max_tokens: int, augment=None, seed: int = 0):
+        self.tok, self.max_tokens, self.augment, self.seed = tokenizer, max_tokens, augment, seed
+
+    def build(self, record: Record, index: int, epoch: int) -> Example:
+        if record.turns is None or len(record.images) != 1:
+            raise BadSample("malformed_record", f"sample {record.sample_id}: Q-Former pre-training needs one image "
+                                                f"and its caption")
+        augs, transform = augment_record(record, self.augment, self.seed, epoch, index)
+        caption = record.turns[0][1]
+        caption = transform(caption) if transform else caption
+        ids = [self.tok.bos_id] + self.tok.encode(caption)[: self.max_tokens - 2] + [self.tok.eos_id]
+        images = [(ref.read(record.sample_id), aug, ref.source) for ref, aug in zip(record.images, augs)]
+        return Example(record.sample_id, ids, [], images)

@@ -15,7 +15,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from megavlm.data.collate import packed_batches, padded_batches
+from megavlm.data.collate import packed_batches, padded_batches, text_batches
 from megavlm.data.templates import BadSample
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ class LoaderConfig:
     packing: bool = False
     workers: int = 0
     prefetch: bool = True
+    collate: str = "lm"          # "lm": token ids + labels; "text": the Q-Former's image-text pairs
 
 
 class StepLoader:
@@ -105,7 +106,9 @@ class StepLoader:
         indices = [i for mb in micro for i in mb]
         examples, skipped = load_examples(self.dataset, self.builder, self.backend, indices, epoch, self.pool)
         c = self.cfg
-        if c.packing:
+        if c.collate == "text":
+            batches = text_batches(examples, c.micro_batch_size, len(micro), c.seq_length, c.pad_id, c.image_size)
+        elif c.packing:
             batches = packed_batches(examples, c.seq_length, c.pad_id, c.image_size)
         else:
             batches = padded_batches(examples, c.micro_batch_size, len(micro), c.seq_length, c.pad_id, c.image_size)

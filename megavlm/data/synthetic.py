@@ -11,7 +11,7 @@ def synthetic_sample(cfg: ModelConfig, seq_length: int, num_images: int, generat
                      prompt_tokens: int = 4) -> dict:
     """One sample: [prompt, <image> x tokens per image (per image), answer ...], labels on the
     answer only (already shifted: labels[t] is the target after token t)."""
-    image_tokens = cfg.vision.tokens_per_image
+    image_tokens = cfg.image_tokens
     vocab = cfg.language.vocab_size
     text = seq_length - num_images * image_tokens
     if text < prompt_tokens + 2:

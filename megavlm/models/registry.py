@@ -29,7 +29,20 @@ def _llava() -> Family:
                   adapter.config_to_hf, "LlavaForConditionalGeneration", "llava", adapter.complete_for_hf)
 
 
-_FAMILIES = {"llava": _llava}
+def _blip2() -> Family:
+    from megavlm.models import blip2
+    from megavlm.models.blip2 import state_dict_adapter as adapter
+    from megavlm.models.blip2.model import Blip2Model, Blip2RepresentationModel
+
+    def build(model_cfg, *args, **kwargs):
+        cls = Blip2RepresentationModel if model_cfg.head == "qformer" else Blip2Model
+        return cls(model_cfg, *args, **kwargs)
+
+    return Family("blip2", blip2.FLAVORS, build, adapter.Blip2StateDictAdapter, adapter.config_from_hf,
+                  adapter.config_to_hf, "Blip2ForConditionalGeneration", "blip-2", adapter.complete_for_hf)
+
+
+_FAMILIES = {"llava": _llava, "blip2": _blip2}
 
 
 def get_family(name: str) -> Family:

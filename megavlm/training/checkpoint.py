@@ -87,14 +87,28 @@ def _require_dist_checkpoint(path: Path) -> Path:
     return model_dir
 
 
-def load_model(model: torch.nn.Module, path: str | Path) -> None:
+def load_model(model: torch.nn.Module, path: str | Path, partial: bool = False) -> None:
     """Collective: fills ``model`` (any TP/PP layout) from the checkpoint at ``path``; the
-    optimizer state a training checkpoint also holds is not read."""
+    optimizer state a training checkpoint also holds is not read. ``partial``: tensors the
+    checkpoint lacks keep their values (e.g. BLIP-2 stage 2 starts its Q-Former from stage 1 and
+    its LLM from HF); which components were left out is logged."""
     from megatron.core import dist_checkpointing
 
-    model_dir = _require_dist_checkpoint(resolve_checkpoint(path))
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, os.fspath(model_dir))
-    load_local_state(model, state["model"])
+    model_dir = os.fspath(_require_dist_checkpoint(resolve_checkpoint(path)))
+    template = model.sharded_state_dict()
+    if partial:
+        stored = set(dist_checkpointing.load_tensors_metadata(model_dir))
+        kept = {k: v for k, v in template.items() if getattr(v, "key", k) in stored}
+        left = sorted({getattr(p, "megavlm_component", "?") for n, p in model.named_parameters() if n not in kept})
+        if left and len(kept) < len(template):
+            log.warning("%s holds no tensors for part of the model (components: %s): they keep their initialisation",
+                        path, ", ".join(left))
+        template = kept
+    state = dist_checkpointing.load({"model": template}, model_dir)
+    if partial:
+        model.load_state_dict(state["model"], strict=False)
+    else:
+        load_local_state(model, state["model"])
 
 
 # ---- RNG ---------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def sample_flops(cfg: ModelConfig, seq_length: int, images: float, trainable: se
     vision = images * (vision_tokens * (vit_token + patch) + vision_tokens * vit_attn) * _multiplier(vis_train, False)
     if vis_train:
         vision += images * vision_tokens * vit_attn  # attention's backward is two forwards
-    connector = images * v.tokens_per_image * conn_token * _multiplier(conn_train, vis_train)
+    connector = images * cfg.image_tokens * conn_token * _multiplier(conn_train, vis_train)
     llm_grads_in = vis_train or conn_train
     llm = seq_length * llm_token * _multiplier(llm_train, llm_grads_in)
     attn_backward = 2.0 if (llm_train or llm_grads_in) else 0.0

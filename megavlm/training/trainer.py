@@ -21,7 +21,7 @@ from megavlm.data.build import build_step_loader, open_eval_source
 from megavlm.data.loader import SkipCounter
 from megavlm.data.sampler import SamplerState
 from megavlm.data.tokenizer import load_tokenizer
-from megavlm.eval.vlm_eval import EvalContext, evaluate_vlm, validation_loss
+from megavlm.eval.vlm_eval import EvalContext
 from megavlm.models.common.hf_io import read_hf_dir
 from megavlm.models.registry import get_family
 from megavlm.parallel import init as pinit
@@ -30,8 +30,8 @@ from megavlm.training.checkpoint import CheckpointManager, load_model
 from megavlm.training.flops import peak_flops, sample_flops
 from megavlm.training.logging import MetricsLogger
 from megavlm.training.stages import apply_stage, megatron_optimizer_config, optimizer_groups, set_train_mode
-from megavlm.models.common.layer_specs import lm_head
-from megavlm.training.step import configure_schedule, lm_loss_fn, train_step
+from megavlm.training.step import configure_schedule, train_step
+from megavlm.training.tasks import make_task
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -50,8 +50,9 @@ class Trainer:
         self.ddp = wrap_ddp(self.model, DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=recipe.optimizer.distributed))
         configure_schedule([self.ddp])
-        self.head = lm_head(recipe.model, self.pgs.tp, self.model.output_weight if self.ctx.is_last_stage else None)
-        self.train_set, self.sampler, self.loader = build_step_loader(recipe, self.tokenizer, self.ctx.dp_rank,
+        self.task = make_task(recipe, self.tokenizer, self.model, self.pgs, self.ctx)
+        self.train_set, self.sampler, self.loader = build_step_loader(recipe, self.tokenizer, self.task.builder(),
+                                                                      self.task.collate, self.ctx.dp_rank,
                                                                       self.ctx.dp_size)
         self.val_set = (open_eval_source(recipe.data.validation, recipe.data.format, recipe.data.root, "data.validation")
                         if recipe.data.validation else None)
@@ -85,8 +86,8 @@ class Trainer:
         r = self.recipe
         model = build_model(r.model, r.parallel, self.ctx, self.pgs, dtype=self.dtype, recompute=r.train.recompute)
         if r.stage.init_from:
-            load_model(model, r.stage.init_from)
-        elif r.stage.init_from_hf or r.stage.init_components_from_hf:
+            load_model(model, r.stage.init_from, partial=True)
+        if r.stage.init_from_hf or r.stage.init_components_from_hf:
             self._load_hf(model)
         self.trainable = apply_stage(model, r.stage)
         return model
@@ -168,9 +169,10 @@ class Trainer:
     def _step_scalars(self, result, seconds: float, images: int) -> dict[str, float]:
         r = self.recipe
         tokens = r.train.global_batch_size * r.train.seq_length
-        scalars = {"train/loss": result.losses["lm_loss"], "train/grad_norm": result.grad_norm or 0.0,
+        scalars = {f"train/{name}": value for name, value in result.losses.items() if name not in ("lm_loss", "loss")}
+        scalars.update({"train/loss": main_loss(result.losses), "train/grad_norm": result.grad_norm or 0.0,
                    "train/tokens_per_s": tokens / seconds, "train/samples_per_s": r.train.global_batch_size / seconds,
-                   "train/skipped_samples": float(sum(self.skips.counts.values()))}
+                   "train/skipped_samples": float(sum(self.skips.counts.values()))})
         opt = r.optimizer
         for component in r.stage.trainable:  # the scheduler's LR for each component's group
             max_lr = r.stage.lr.get(component, opt.lr)
@@ -189,7 +191,7 @@ class Trainer:
         log_dir = Path(r.logging.dir) if r.logging.dir else (Path(r.checkpoint.dir) / "tensorboard" if r.checkpoint.dir else None)
         logger = MetricsLogger(self.ctx.is_main, log_dir, self.total_steps, self.step, r.logging.tensorboard,
                                r.logging.progress, description=r.stage.name)
-        loss_fn = lm_loss_fn(self.head)
+        loss_fn = self.task.loss_fn()
         if self.finished:
             logger.print(f"{r.stage.name}: already finished at step {self.step} ({self.recipe.checkpoint.dir})")
             logger.close()
@@ -228,19 +230,18 @@ class Trainer:
 
     def _eval_context(self) -> EvalContext:
         r = self.recipe
-        return EvalContext([self.ddp], self.tokenizer, r.model, self.head, r.train.seq_length,
+        return EvalContext([self.ddp], self.tokenizer, r.model, getattr(self.task, "head", None), r.train.seq_length,
                            r.train.micro_batch_size, self.ctx.device)
 
     def _validate(self) -> dict[str, float]:
-        metrics = validation_loss(self._eval_context(), self.val_set, self.recipe.data.template,
-                                  self.recipe.train.eval_samples)
+        metrics = self.task.validate(self._eval_context(), self.val_set)
         set_train_mode(self.model)
         return metrics
 
     def _finish(self, logger: MetricsLogger) -> dict[str, float]:
         r = self.recipe
         metrics = self._validate() if self.val_set is not None else {}
-        metrics.update(evaluate_vlm(self._eval_context(), r.eval, r.data.template))
+        metrics.update(self.task.evaluate(self._eval_context()))
         set_train_mode(self.model)
         self.metrics = metrics
         logger.log(self.step, {f"eval/{k}" if "/" not in k else k: v for k, v in metrics.items()})
@@ -287,6 +288,10 @@ class Trainer:
                 logger.print(f"wrote PEFT adapters {root / 'peft'}" +
                              ("" if lora.quantize_base == "nf4" else f" for the HF model {root / 'hf_base'}"))
             dist.barrier()
+
+
+def main_loss(losses: dict[str, float]) -> float:
+    return losses["loss"] if "loss" in losses else losses["lm_loss"]
 
 
 def to_device(batch: dict, device) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from megavlm.config.model import LanguageConfig, VisionConfig
-from megavlm.models.common.sharding import fuse_qkv, split_qkv
+from megavlm.models.common.sharding import fuse_kv, fuse_qkv, split_kv, split_qkv
 
 
 def _take(hf: dict, key: str) -> torch.Tensor:
@@ -152,3 +152,171 @@ def clip_config_to_hf(vision: VisionConfig) -> dict:
         "num_attention_heads": vision.num_heads, "intermediate_size": vision.ffn_hidden_size,
         "hidden_act": vision.activation, "layer_norm_eps": vision.norm_eps,
     }
+
+
+# ---- BLIP-2 vision tower (EVA-style ViT: fused qkv, no pre-norm, final norm) -----------------------
+def blip_vision_to_megavlm(hf: dict, src: str, out: dict, dst: str, vision: VisionConfig) -> None:
+    out[dst + "class_token"] = _take(hf, src + "embeddings.class_embedding").reshape(-1)
+    out[dst + "position_embeddings"] = _take(hf, src + "embeddings.position_embedding").reshape(-1, vision.hidden_size)
+    for p in ("weight", "bias"):
+        out[dst + f"patch_embed.{p}"] = _take(hf, src + f"embeddings.patch_embedding.{p}")
+    heads = vision.num_heads
+    for i in range(vision.layers_to_build):
+        h, m = f"{src}encoder.layers.{i}.", f"{dst}encoder.layers.{i}."
+        for p in ("weight", "bias"):
+            q, k, v = _take(hf, h + f"self_attn.qkv.{p}").chunk(3, 0)
+            out[m + f"self_attention.linear_qkv.{p}"] = fuse_qkv(q, k, v, heads, heads)
+            out[m + f"self_attention.linear_proj.{p}"] = _take(hf, h + f"self_attn.projection.{p}")
+            out[m + f"input_layernorm.{p}"] = _take(hf, h + f"layer_norm1.{p}")
+            out[m + f"pre_mlp_layernorm.{p}"] = _take(hf, h + f"layer_norm2.{p}")
+            out[m + f"mlp.linear_fc1.{p}"] = _take(hf, h + f"mlp.fc1.{p}")
+            out[m + f"mlp.linear_fc2.{p}"] = _take(hf, h + f"mlp.fc2.{p}")
+    if vision.post_norm:
+        for p in ("weight", "bias"):
+            out[dst + f"encoder.final_layernorm.{p}"] = _take(hf, src + f"post_layernorm.{p}")
+
+
+def blip_vision_to_hf(full: dict, src: str, hf: dict, dst: str, vision: VisionConfig) -> None:
+    hf[dst + "embeddings.class_embedding"] = full[src + "class_token"].reshape(1, 1, -1)
+    hf[dst + "embeddings.position_embedding"] = full[src + "position_embeddings"].unsqueeze(0)
+    for p in ("weight", "bias"):
+        hf[dst + f"embeddings.patch_embedding.{p}"] = full[src + f"patch_embed.{p}"]
+    heads = vision.num_heads
+    for i in range(vision.layers_to_build):
+        m, h = f"{src}encoder.layers.{i}.", f"{dst}encoder.layers.{i}."
+        for p in ("weight", "bias"):
+            hf[h + f"self_attn.qkv.{p}"] = torch.cat(split_qkv(full[m + f"self_attention.linear_qkv.{p}"], heads, heads))
+            hf[h + f"self_attn.projection.{p}"] = full[m + f"self_attention.linear_proj.{p}"]
+            hf[h + f"layer_norm1.{p}"] = full[m + f"input_layernorm.{p}"]
+            hf[h + f"layer_norm2.{p}"] = full[m + f"pre_mlp_layernorm.{p}"]
+            hf[h + f"mlp.fc1.{p}"] = full[m + f"mlp.linear_fc1.{p}"]
+            hf[h + f"mlp.fc2.{p}"] = full[m + f"mlp.linear_fc2.{p}"]
+    if vision.post_norm:
+        for p in ("weight", "bias"):
+            hf[dst + f"post_layernorm.{p}"] = full[src + f"encoder.final_layernorm.{p}"]
+
+
+# ---- Q-Former (BERT naming) <-> megavlm -----------------------------------------------------------
+def _qformer_pairs(q, text: bool) -> list[tuple[str, str, str]]:
+    """(megavlm suffix, HF suffix, kind) per layer; kind: linear | kv | norm."""
+    pairs = []
+    for i in range(q.num_layers):
+        m, h = f"layers.{i}.", f"encoder.layer.{i}."
+        blocks = [("attention", "attention", "attention_norm")]
+        if i % q.cross_attention_freq == 0:
+            blocks.append(("cross_attention", "crossattention", "cross_norm"))
+        for ours, theirs, norm in blocks:
+            pairs += [(m + f"{ours}.linear_q", h + f"{theirs}.attention.query", "linear"),
+                      (m + f"{ours}.linear_kv", h + f"{theirs}.attention.", "kv"),
+                      (m + f"{ours}.linear_proj", h + f"{theirs}.output.dense", "linear"),
+                      (m + norm, h + f"{theirs}.output.LayerNorm", "linear")]
+        ffns = [("mlp_query", "_query")] + ([("mlp_text", "")] if text else [])
+        for ours, suffix in ffns:
+            pairs += [(m + f"{ours}.linear_fc1", h + f"intermediate{suffix}.dense", "linear"),
+                      (m + f"{ours}.linear_fc2", h + f"output{suffix}.dense", "linear"),
+                      (m + f"{ours}_norm", h + f"output{suffix}.LayerNorm", "linear")]
+    return pairs
+
+
+def qformer_to_megavlm(hf: dict, src: str, query_key: str, embeddings: str | None, out: dict, dst: str, q) -> None:
+    """src like 'qformer.'; query_key 'query_tokens'; embeddings like 'embeddings.' (text path) or None."""
+    out[dst + "query_tokens"] = _take(hf, query_key).reshape(q.num_query_tokens, q.hidden_size)
+    for p in ("weight", "bias"):
+        out[dst + f"layernorm.{p}"] = _take(hf, src + f"layernorm.{p}")
+    text = embeddings is not None and q.text_input
+    for ours, theirs, kind in _qformer_pairs(q, text):
+        for p in ("weight", "bias"):
+            if kind == "kv":
+                out[dst + f"{ours}.{p}"] = fuse_kv(_take(hf, src + theirs + f"key.{p}"),
+                                                   _take(hf, src + theirs + f"value.{p}"), q.num_heads)
+            else:
+                out[dst + f"{ours}.{p}"] = _take(hf, src + f"{theirs}.{p}")
+    if text:
+        out[dst + "word_embeddings.weight"] = _take(hf, embeddings + "word_embeddings.weight")
+        out[dst + "position_embeddings.weight"] = _take(hf, embeddings + "position_embeddings.weight")
+
+
+def qformer_to_hf(full: dict, src: str, hf: dict, dst: str, query_key: str, embeddings: str | None, q) -> None:
+    hf[query_key] = full[src + "query_tokens"].unsqueeze(0)
+    for p in ("weight", "bias"):
+        hf[dst + f"layernorm.{p}"] = full[src + f"layernorm.{p}"]
+    text = embeddings is not None and q.text_input
+    for ours, theirs, kind in _qformer_pairs(q, text):
+        for p in ("weight", "bias"):
+            if kind == "kv":
+                k, v = split_kv(full[src + f"{ours}.{p}"], q.num_heads)
+                hf[dst + theirs + f"key.{p}"], hf[dst + theirs + f"value.{p}"] = k, v
+            else:
+                hf[dst + f"{theirs}.{p}"] = full[src + f"{ours}.{p}"]
+    if text:
+        hf[embeddings + "word_embeddings.weight"] = full[src + "word_embeddings.weight"]
+        hf[embeddings + "position_embeddings.weight"] = full[src + "position_embeddings.weight"]
+
+
+# ---- OPT decoder (learned positions with offset 2, LayerNorm, ReLU, biases) ------------------------
+OPT_POSITION_OFFSET = 2
+
+
+def opt_to_megavlm(hf: dict, src: str, head: str, out: dict, dst: str, lang: LanguageConfig) -> None:
+    """src like 'language_model.model.decoder.'; head like 'language_model.lm_head.weight'."""
+    out[dst + "embedding.word_embeddings.weight"] = _take(hf, src + "embed_tokens.weight")
+    positions = _take(hf, src + "embed_positions.weight")[OPT_POSITION_OFFSET:]
+    out[dst + "embedding.position_embeddings.weight"] = positions[: lang.max_seq_len]
+    for i in range(lang.num_layers):
+        h, m = f"{src}layers.{i}.", f"{dst}decoder.layers.{i}."
+        for p in ("weight", "bias"):
+            out[m + f"input_layernorm.{p}"] = _take(hf, h + f"self_attn_layer_norm.{p}")
+            out[m + f"self_attention.linear_qkv.{p}"] = fuse_qkv(
+                *(_take(hf, h + f"self_attn.{x}_proj.{p}") for x in "qkv"), lang.num_heads, lang.query_groups)
+            out[m + f"self_attention.linear_proj.{p}"] = _take(hf, h + f"self_attn.out_proj.{p}")
+            out[m + f"pre_mlp_layernorm.{p}"] = _take(hf, h + f"final_layer_norm.{p}")
+            out[m + f"mlp.linear_fc1.{p}"] = _take(hf, h + f"fc1.{p}")
+            out[m + f"mlp.linear_fc2.{p}"] = _take(hf, h + f"fc2.{p}")
+    for p in ("weight", "bias"):
+        out[dst + f"decoder.final_layernorm.{p}"] = _take(hf, src + f"final_layer_norm.{p}")
+    if not lang.tie_embeddings:
+        out[dst + "output_layer.weight"] = _take(hf, head)
+
+
+def opt_to_hf(full: dict, src: str, hf: dict, dst: str, head: str, lang: LanguageConfig) -> None:
+    hf[dst + "embed_tokens.weight"] = full[src + "embedding.word_embeddings.weight"]
+    positions = full[src + "embedding.position_embeddings.weight"]
+    hf[dst + "embed_positions.weight"] = torch.cat([positions.new_zeros(OPT_POSITION_OFFSET, positions.shape[1]),
+                                                    positions])
+    for i in range(lang.num_layers):
+        m, h = f"{src}decoder.layers.{i}.", f"{dst}layers.{i}."
+        for p in ("weight", "bias"):
+            hf[h + f"self_attn_layer_norm.{p}"] = full[m + f"input_layernorm.{p}"]
+            q, k, v = split_qkv(full[m + f"self_attention.linear_qkv.{p}"], lang.num_heads, lang.query_groups)
+            hf[h + f"self_attn.q_proj.{p}"], hf[h + f"self_attn.k_proj.{p}"], hf[h + f"self_attn.v_proj.{p}"] = q, k, v
+            hf[h + f"self_attn.out_proj.{p}"] = full[m + f"self_attention.linear_proj.{p}"]
+            hf[h + f"final_layer_norm.{p}"] = full[m + f"pre_mlp_layernorm.{p}"]
+            hf[h + f"fc1.{p}"] = full[m + f"mlp.linear_fc1.{p}"]
+            hf[h + f"fc2.{p}"] = full[m + f"mlp.linear_fc2.{p}"]
+    for p in ("weight", "bias"):
+        hf[dst + f"final_layer_norm.{p}"] = full[src + f"decoder.final_layernorm.{p}"]
+    if not lang.tie_embeddings:
+        hf[head] = full[src + "output_layer.weight"]
+
+
+def opt_config_from_hf(text: dict) -> LanguageConfig:
+    if not text.get("do_layer_norm_before", True):
+        raise ValueError("OPT with do_layer_norm_before: false (opt-350m) is not supported")
+    if text.get("word_embed_proj_dim", text["hidden_size"]) != text["hidden_size"]:
+        raise ValueError("OPT with word_embed_proj_dim != hidden_size (project_in/out) is not supported")
+    if text.get("activation_function", "relu") != "relu":
+        raise ValueError(f"OPT activation {text['activation_function']!r} is not supported (expected relu)")
+    return LanguageConfig(
+        vocab_size=text["vocab_size"], hidden_size=text["hidden_size"], num_layers=text["num_hidden_layers"],
+        num_heads=text["num_attention_heads"], num_kv_heads=text["num_attention_heads"],
+        ffn_hidden_size=text["ffn_dim"], max_seq_len=text.get("max_position_embeddings", 2048), norm_eps=1e-5,
+        normalization="LayerNorm", activation="relu", position_embedding="learned", qkv_bias=True, linear_bias=True,
+        tie_embeddings=bool(text.get("tie_word_embeddings", True)))
+
+
+def opt_config_to_hf(lang: LanguageConfig) -> dict:
+    return {"model_type": "opt", "vocab_size": lang.vocab_size, "hidden_size": lang.hidden_size,
+            "num_hidden_layers": lang.num_layers, "num_attention_heads": lang.num_heads, "ffn_dim": lang.ffn_hidden_size,
+            "max_position_embeddings": lang.max_seq_len, "word_embed_proj_dim": lang.hidden_size,
+            "do_layer_norm_before": True, "activation_function": "relu", "enable_bias": True,
+            "tie_word_embeddings": lang.tie_embeddings, "dropout": 0.0, "attention_dropout": 0.0}

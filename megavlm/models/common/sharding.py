@@ -16,9 +16,9 @@ from megavlm.parallel.layout import pipeline_layer_ranges
 
 # Megatron-core's parallel linears: column-parallel weights/biases split dim 0, row-parallel weights
 # split dim 1 (their biases are replicated). Matched against the key's last two name components.
-_COLUMN = re.compile(r"(linear_qkv|linear_q|linear_kv|linear_fc1)\.(weight|bias)$")
+_COLUMN = re.compile(r"(linear_qkv|linear_q|linear_kv|linear_fc1|language_projection)\.(weight|bias)$")
 _ROW = re.compile(r"(linear_proj|linear_fc2)\.weight$")
-_VOCAB = re.compile(r"(word_embeddings|output_layer)\.weight$")
+_VOCAB = re.compile(r"((word_embeddings|output_layer)\.weight|itg_bias)$")
 # LoRA adapters split like the layer they adapt: B with a column-parallel layer's rows, A with a
 # row-parallel layer's input columns; the other factor is replicated.
 _LORA_COLUMN = re.compile(r"(linear_qkv|linear_fc1)\.lora\.\w+\.lora_B$")
@@ -37,6 +37,8 @@ class ShardingPlan:
     gated_prefixes: tuple[str, ...] = ("language_model.",)  # whose linear_fc1 holds [gate; up]
     first_stage_layers: int | None = None
     last_stage_layers: int | None = None
+    # Other vocab-parallel tables and their true sizes, by key prefix (e.g. the Q-Former's).
+    extra_vocab: dict[str, int] = field(default_factory=dict)
     ranges: list[tuple[int, int]] = field(init=False)
 
     def __post_init__(self):
@@ -74,6 +76,9 @@ class ShardingPlan:
         return f"{self.layer_prefix}{layer[0] + self.ranges[pp_rank][0]}.{layer[1]}"
 
     # ---- tensor-parallel split ----------------------------------------------------------
+    def _vocab(self, key: str) -> int:
+        return next((v for prefix, v in self.extra_vocab.items() if key.startswith(prefix)), self.vocab_size)
+
     def _rule(self, key: str) -> str:
         if ".lora." in key:
             return "column" if _LORA_COLUMN.search(key) else "row" if _LORA_ROW.search(key) else "replicated"
@@ -91,9 +96,10 @@ class ShardingPlan:
         if rule == "replicated" or tp == 1 and rule != "vocab":
             return tensor
         if rule == "vocab":
-            padded = -(-self.vocab_size // tp) * tp
-            if tensor.shape[0] != self.vocab_size:
-                raise ValueError(f"{key}: {tensor.shape[0]} rows, expected the vocabulary size {self.vocab_size}")
+            vocab = self._vocab(key)
+            padded = -(-vocab // tp) * tp
+            if tensor.shape[0] != vocab:
+                raise ValueError(f"{key}: {tensor.shape[0]} rows, expected the vocabulary size {vocab}")
             if padded != tensor.shape[0]:
                 tensor = torch.cat([tensor, tensor.new_zeros(padded - tensor.shape[0], *tensor.shape[1:])])
             return tensor.chunk(tp, 0)[tp_rank]
@@ -111,7 +117,7 @@ class ShardingPlan:
         if rule == "replicated" or len(shards) == 1 and rule != "vocab":
             return shards[0]
         if rule == "vocab":
-            return torch.cat(shards)[: self.vocab_size]
+            return torch.cat(shards)[: self._vocab(key)]
         if rule == "glu":
             gates, ups = zip(*(s.chunk(2, 0) for s in shards))
             return torch.cat([*gates, *ups])
@@ -147,6 +153,19 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, 
     k = k.reshape(num_groups, 1, head_dim, *rest)
     v = v.reshape(num_groups, 1, head_dim, *rest)
     return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+
+def fuse_kv(k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Separate key/value projections -> ParallelAttention's linear_kv, interleaved per head."""
+    rest = k.shape[1:]
+    head_dim = k.shape[0] // num_heads
+    return torch.stack([k.reshape(num_heads, head_dim, *rest), v.reshape(num_heads, head_dim, *rest)], 1).reshape(-1, *rest)
+
+
+def split_kv(kv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rest = kv.shape[1:]
+    grouped = kv.reshape(num_heads, 2, -1, *rest)
+    return grouped[:, 0].reshape(-1, *rest), grouped[:, 1].reshape(-1, *rest)
 
 
 def split_qkv(qkv: torch.Tensor, num_heads: int, num_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

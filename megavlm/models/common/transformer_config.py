@@ -90,3 +90,21 @@ def vision_transformer_config(model: ModelConfig, parallel: ParallelConfig, dtyp
         pipeline_model_parallel_size=1,
         **_common(model, parallel, dtype, recompute),
     )
+
+
+def qformer_transformer_config(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype = torch.float32
+                               ) -> TransformerConfig:
+    """Shapes, TP size and initialisation for the Q-Former's parallel linears."""
+    q = model.qformer
+    return TransformerConfig(
+        num_layers=q.num_layers,
+        hidden_size=q.hidden_size,
+        num_attention_heads=q.num_heads,
+        ffn_hidden_size=q.ffn_hidden_size,
+        kv_channels=q.hidden_size // q.num_heads,
+        normalization="LayerNorm",
+        layernorm_epsilon=q.norm_eps,
+        add_bias_linear=True,
+        pipeline_model_parallel_size=1,
+        **_common(model, parallel, dtype, recompute=False),
+    )

@@ -31,8 +31,9 @@ class VisionTransformer(MegatronModule):
         self.position_embeddings = torch.nn.Parameter(torch.randn(num_positions, hidden) * std)
         self.ln_pre = (build_module(norm_impl, config=config, hidden_size=hidden, eps=vision.norm_eps)
                        if vision.pre_norm else None)
-        self.encoder = TransformerBlock(config=config, spec=layer_spec, post_layer_norm=False, pre_process=True,
-                                        post_process=False, pg_collection=pg_collection)
+        # post_norm: a final LayerNorm on the features (BLIP-2); LLaVA reads an inner layer without one
+        self.encoder = TransformerBlock(config=config, spec=layer_spec, post_layer_norm=vision.post_norm,
+                                        pre_process=True, post_process=vision.post_norm, pg_collection=pg_collection)
 
     def set_input_tensor(self, input_tensor):  # the ViT never receives pipeline input
         pass

@@ -1,13 +1,27 @@
-"""Base of every family's top-level model: what megatron-core's schedules and DDP ask of a model."""
+"""Base of the families that feed images to the LLM as embeddings at <image> positions (LLaVA,
+BLIP-2 stage 2, InternVL), and what megatron-core's schedules and DDP ask of a model."""
 from __future__ import annotations
 
+import abc
+
+import torch
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
+from megavlm.models.common.image_tokens import scatter_image_embeddings
 
-class VLMBase(MegatronModule):
-    """Holds ``language_model`` (a GPTModel chunk); exposes what the schedules and
-    ``finalize_model_grads`` look up on the model they are given."""
+
+def run_frozen_aware(module: torch.nn.Module, *args):
+    """module(*args), without autograd when none of its parameters trains (no stored activations)."""
+    if any(p.requires_grad for p in module.parameters()):
+        return module(*args)
+    with torch.no_grad():
+        return module(*args)
+
+
+class VLMBase(MegatronModule, abc.ABC):
+    """Holds ``language_model`` (a GPTModel chunk) and, on the first pipeline stage, whatever
+    ``image_embeddings(images) -> [n, image_tokens, llm_hidden]`` needs."""
 
     model_type = ModelType.encoder_or_decoder
 
@@ -27,3 +41,35 @@ class VLMBase(MegatronModule):
         from megavlm.models.common.language_model import output_weight
 
         return output_weight(self.language_model)
+
+    @abc.abstractmethod
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """[n, 3, H, W] -> [n, image_tokens, llm_hidden]."""
+
+    def embed(self, input_ids: torch.Tensor, images=None, images_per_sample=None, position_ids=None) -> torch.Tensor:
+        """Token embeddings [s, b, h] with image embeddings at the <image> positions."""
+        cfg = self.model_config
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        embedding = self.language_model.embedding
+        embeddings = embedding(input_ids=input_ids, position_ids=position_ids)
+        if images is not None and images.shape[0]:
+            image_embeds = self.image_embeddings(images)
+        else:
+            image_embeds = embeddings.new_zeros(0, cfg.image_tokens, embeddings.shape[-1])
+        merged = scatter_image_embeddings(embeddings, input_ids, image_embeds, cfg.image_token_id, images_per_sample)
+        if embedding.add_position_embedding and image_embeds.shape[0]:
+            # Learned absolute positions (OPT) belong to every position, image slots included; the
+            # embedding added them before the image embeddings replaced those slots.
+            is_image = (input_ids == cfg.image_token_id).t().unsqueeze(-1)
+            merged = merged + embedding.position_embeddings(position_ids).transpose(0, 1) * is_image
+        return merged
+
+    def forward(self, input_ids: torch.Tensor, images=None, images_per_sample=None, position_ids=None,
+                attention_mask=None, packed_seq_params=None) -> torch.Tensor:
+        """First stage: from tokens and images; later stages: from the pipeline input.
+        Returns logits [b, s, vocab/TP] (or hidden states for a fused loss head) on the last
+        stage, hidden states [s, b, h] elsewhere."""
+        decoder_input = self.embed(input_ids, images, images_per_sample, position_ids) if self.pre_process else None
+        return self.language_model(input_ids=None, position_ids=None, attention_mask=attention_mask,
+                                   decoder_input=decoder_input, packed_seq_params=packed_seq_params)

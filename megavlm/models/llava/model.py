@@ -9,11 +9,10 @@ from __future__ import annotations
 import torch
 
 from megavlm.config.model import ModelConfig, ParallelConfig
-from megavlm.models.common.image_tokens import scatter_image_embeddings
 from megavlm.models.common.language_model import build_language_model
 from megavlm.models.common.layer_specs import connector_cls, encoder_layer_spec, norm_spec, prepare_language_model
 from megavlm.models.common.tags import tag_component
-from megavlm.models.common.vlm import VLMBase
+from megavlm.models.common.vlm import VLMBase, run_frozen_aware
 from megavlm.models.common.transformer_config import language_transformer_config, vision_transformer_config
 from megavlm.models.common.vision_transformer import VisionTransformer
 
@@ -40,29 +39,4 @@ class LlavaModel(VLMBase):
 
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """[n, 3, H, W] -> [n, tokens, llm_hidden]. A frozen ViT runs without autograd."""
-        if any(p.requires_grad for p in self.vision.parameters()):
-            features = self.vision(images)
-        else:
-            with torch.no_grad():
-                features = self.vision(images)
-        return self.connector(features)
-
-    def embed(self, input_ids: torch.Tensor, images=None, images_per_sample=None, position_ids=None) -> torch.Tensor:
-        """Token embeddings [s, b, h] with image embeddings at the <image> positions."""
-        if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        embeddings = self.language_model.embedding(input_ids=input_ids, position_ids=position_ids)
-        if images is None:
-            images = embeddings.new_zeros(0, 3, self.model_config.vision.image_size, self.model_config.vision.image_size)
-        image_embeds = (self.image_embeddings(images) if images.shape[0] else
-                        embeddings.new_zeros(0, self.model_config.vision.tokens_per_image, embeddings.shape[-1]))
-        return scatter_image_embeddings(embeddings, input_ids, image_embeds, self.model_config.image_token_id,
-                                        images_per_sample)
-
-    def forward(self, input_ids: torch.Tensor, images=None, images_per_sample=None, position_ids=None,
-                attention_mask=None, packed_seq_params=None) -> torch.Tensor:
-        """First stage: from tokens and images; later stages: from the pipeline input.
-        Returns logits [b, s, vocab/TP] on the last stage, hidden states [s, b, h] elsewhere."""
-        decoder_input = self.embed(input_ids, images, images_per_sample, position_ids) if self.pre_process else None
-        return self.language_model(input_ids=None, position_ids=None, attention_mask=attention_mask,
-                                   decoder_input=decoder_input, packed_seq_params=packed_seq_params)
+        return self.connector(run_frozen_aware(self.vision, images))

@@ -1,0 +1,89 @@
+"""What a stage optimises and measures, by model head: next-token prediction through the LLM
+(``lm``), or BLIP-2's Q-Former objectives (``qformer``). The trainer is the same for both."""
+from __future__ import annotations
+
+import torch
+
+from megavlm.data.build import encoder_for, open_eval_source
+from megavlm.data.examples import ExampleBuilder, TextExampleBuilder
+from megavlm.models.common.layer_specs import lm_head
+from megavlm.training.step import lm_loss_fn
+
+DEFAULT_QFORMER_WEIGHTS = {"itc": 1.0, "itm": 1.0, "itg": 1.0}
+
+
+class LMTask:
+    collate = "lm"
+
+    def __init__(self, recipe, tokenizer, model, pgs, ctx):
+        self.recipe, self.tokenizer = recipe, tokenizer
+        self.head = lm_head(recipe.model, pgs.tp, model.output_weight if ctx.is_last_stage else None)
+
+    def builder(self):
+        r = self.recipe
+        return ExampleBuilder(encoder_for(r.model, self.tokenizer, r.data.template), r.train.seq_length,
+                              augment=r.data.augment, seed=r.train.seed, end_of_chunk=r.data.end_of_chunk)
+
+    def loss_fn(self):
+        return lm_loss_fn(self.head)
+
+    def validate(self, eval_ctx, source) -> dict:
+        from megavlm.eval.vlm_eval import validation_loss
+
+        return validation_loss(eval_ctx, source, self.recipe.data.template, self.recipe.train.eval_samples)
+
+    def evaluate(self, eval_ctx) -> dict:
+        from megavlm.eval.vlm_eval import evaluate_vlm
+
+        return evaluate_vlm(eval_ctx, self.recipe.eval, self.recipe.data.template)
+
+
+class QFormerTask:
+    """BLIP-2 stage 1: loss = sum of lambda_k * mean objective k; retrieval metrics."""
+
+    collate = "text"
+
+    def __init__(self, recipe, tokenizer, model, pgs, ctx):
+        self.recipe, self.tokenizer = recipe, tokenizer
+        self.weights = dict(recipe.stage.loss_weights or DEFAULT_QFORMER_WEIGHTS)
+        unknown = set(self.weights) - set(DEFAULT_QFORMER_WEIGHTS)
+        if unknown:
+            from megavlm.config.schema import ConfigError
+
+            raise ConfigError(f"bad value for 'stage.loss_weights': unknown objective(s) {sorted(unknown)}; "
+                              f"known: itc, itm, itg")
+
+    def builder(self):
+        r = self.recipe
+        return TextExampleBuilder(self.tokenizer, r.train.seq_length, augment=r.data.augment, seed=r.train.seed)
+
+    def loss_fn(self):
+        weights = self.weights
+
+        def loss(output: dict, batch: dict):
+            samples = batch["text_ids"].shape[0]
+            total = sum(w * output[k][0] / max(output[k][1], 1) for k, w in weights.items() if w)
+            reports = {k: torch.stack([(v[0] / max(v[1], 1)).detach().float() * samples,
+                                       torch.tensor(float(samples), device=v[0].device)])
+                       for k, v in output.items()}
+            reports["loss"] = torch.stack([total.detach().float() * samples, reports["itc"][1]])
+            return total * samples, torch.tensor(samples, dtype=torch.int, device=total.device), reports
+
+        return loss
+
+    def validate(self, eval_ctx, source) -> dict:
+        from megavlm.eval.retrieval import qformer_validation_loss
+
+        return qformer_validation_loss(eval_ctx, source, self.loss_fn(), self.recipe.train.eval_samples)
+
+    def evaluate(self, eval_ctx) -> dict:
+        from megavlm.eval.retrieval import retrieval_metrics
+
+        if not self.recipe.eval.captions:
+            return {}
+        source = open_eval_source(self.recipe.eval.captions, "captions", None, "eval.captions")
+        return retrieval_metrics(eval_ctx, source, self.recipe.eval.max_samples, self.recipe.eval.rerank_top_k)
+
+
+def make_task(recipe, tokenizer, model, pgs, ctx):
+    return (QFormerTask if recipe.model.head == "qformer" else LMTask)(recipe, tokenizer, model, pgs, ctx)
