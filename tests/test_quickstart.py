@@ -26,12 +26,24 @@ def _train(stage: int, workdir, data_dir, *extra: str, captions: bool = True, np
     return json.loads((workdir / f"stage{stage}" / "final_metrics.json").read_text())["metrics"]
 
 
+@pytest.fixture(scope="module")
+def wide_test_split(tmp_path_factory):
+    """The small data set with a 128-sample test split: with 32 VQA questions one machine's
+    rounding was enough to move exact match by the margin asserted below."""
+    from megavlm.data.embedded import generate
+
+    out = tmp_path_factory.mktemp("embedded_wide_test")
+    generate(out, seed=0, splits={"train": 768, "val": 48, "test": 128})
+    return out
+
+
 @pytest.mark.slow
-def test_quickstart_learns_to_use_the_image(single_process, small_embedded, tmp_path):
+def test_quickstart_learns_to_use_the_image(single_process, wide_test_split, tmp_path):
     """The quick start's three recipes, shortened and at TP=1 in this process (the TP=2 launch
     path is covered below and by the layout tests): held-out accuracy with the image must be
     clearly above the same model's accuracy on a blank image."""
-    short = ["parallel.tensor_parallel=1", "train.micro_batch_size=32", "eval.max_samples=48",
+    small_embedded = wide_test_split
+    short = ["parallel.tensor_parallel=1", "train.micro_batch_size=32", "eval.max_samples=128",
              "train.eval_samples=48", "logging.progress=false"]
     metrics = {}
     for stage, steps in ((1, 10), (2, 200), (3, 200)):

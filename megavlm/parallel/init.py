@@ -122,9 +122,14 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int 
     if use_cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", launch.master_addr)
-        os.environ.setdefault("MASTER_PORT", str(launch.master_port))
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=launch.rank,
+        if launch.source == "single":
+            # a fresh port passed directly: an inherited MASTER_PORT may belong to a parent process
+            init_method = f"tcp://{launch.master_addr}:{launch.master_port}"
+        else:
+            os.environ.setdefault("MASTER_ADDR", launch.master_addr)
+            os.environ.setdefault("MASTER_PORT", str(launch.master_port))
+            init_method = "env://"
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method=init_method, rank=launch.rank,
                                 world_size=launch.world_size, timeout=timedelta(minutes=timeout_minutes))
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
