@@ -64,7 +64,7 @@ def test_multi_turn_labels_cover_exactly_the_assistant_turns(tok, template):
 
 def test_template_mismatch_names_the_sample(tok):
     class Lossy:  # a tokenizer that cannot represent the answer (everything outside its vocab is unk)
-        bos_id, eos_id, path = tok.bos_id, tok.eos_id, "lossy.model"
+        bos_id, bos_ids, eos_id, path = tok.bos_id, tok.bos_ids, tok.eos_id, "lossy.model"
 
         def encode(self, text):
             return tok.encode(text.replace("zebra", "??"))
@@ -295,3 +295,58 @@ def test_curriculum_orders_by_difficulty(tmp_path):
     assert order == [1, 3, 2, 0]
     sampler = GlobalBatchSampler(4, 2, 2, 0, 1, order=order)
     assert sampler.next_step() == [[1, 3]] and sampler.next_step() == [[2, 0]]
+
+
+def test_added_tokens_extend_a_pretrained_tokenizer(tmp_path):
+    """A tokenizer without the VLM's markers (like Vicuna's): they are appended after its pieces."""
+    import sentencepiece as spm
+
+    from megavlm.data.tokenizer import load_tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["a red circle on a white background", "two blue squares", "the cat sat"] * 20))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=40,
+                                   model_type="bpe", minloglevel=2, hard_vocab_limit=False)
+    path = tmp_path / "sp.model"
+    with pytest.raises(ValueError, match="data.added_tokens"):
+        load_tokenizer(path)
+    tok = load_tokenizer(path, ["<|endofchunk|>", "<image>"])
+    base = tok.sp.get_piece_size()
+    assert (tok.token_id("<|endofchunk|>"), tok.image_token_id, tok.vocab_size) == (base, base + 1, base + 2)
+    ids = tok.encode("a red circle<|endofchunk|>two blue squares")
+    assert base in ids and tok.decode(ids) == "a red circle<|endofchunk|>two blue squares"
+    assert tok.encode_marker("<|endofchunk|>") == [base]
+    with pytest.raises(ValueError, match="already pieces"):
+        load_tokenizer(path, ["<image>", "▁a"])
+
+
+def test_hf_tokenizer_json_with_chatml_and_no_bos(tmp_path):
+    """A byte-level BPE tokenizer.json (Qwen2-style: no bos, <|im_end|> ends a turn) with <image>
+    added after its vocabulary: supervised spans decode back to the assistant text."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from megavlm.data.templates import ConversationEncoder, get_template
+    from megavlm.data.tokenizer import HFTokenizer, load_tokenizer
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tk.train_from_iterator(["a red circle left of a blue square", "What color is the circle? red",
+                            "You are a helpful assistant."] * 20,
+                           trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "bos_token": None}))
+    tok = load_tokenizer(tmp_path, added_tokens=["<image>"])
+    assert isinstance(tok, HFTokenizer) and tok.bos_ids == [] and tok.eos_id == tok.token_id("<|im_end|>")
+    assert tok.image_token_id == tok.vocab_size - 1
+    text = "Is the circle left of the square? yes, it is."
+    assert tok.decode(tok.encode(text)) == text
+    encoder = ConversationEncoder(tok, get_template("chatml"), tokens_per_image=3, image_token_id=tok.image_token_id)
+    ids, supervised = encoder.encode([("<image>\nWhat color is the circle?", "red"), ("And the square?", "blue")], 1, "s0")
+    assert ids.count(tok.image_token_id) == 3 and ids[0] == tok.token_id("<|im_start|>")
+    answers = tok.decode([i for i, s in zip(ids, supervised) if s])
+    assert answers == "red<|im_end|>blue<|im_end|>"

@@ -97,12 +97,14 @@ def verify(hf_dir: Path, ckpt: Path, dtype: torch.dtype, seed: int = 0) -> float
     load_model(model, ckpt)
     if model_cfg.head == "qformer":
         return _verify_retrieval(hf_dir, model, dtype)
-    hf_cls = getattr(transformers, get_family(model_cfg.family).hf_class)
+    family = get_family(model_cfg.family)
+    hf_cls = getattr(transformers, family.hf_class)
     hf = hf_cls.from_pretrained(str(hf_dir), dtype=dtype, local_files_only=True).eval()
     seq = 16 + 2 * model_cfg.image_tokens
     batch = synthetic_batches(model_cfg, 2, seq, micro_batch_size=2, seed=seed, image_pattern=(1, 2))[0]
     with torch.no_grad():
-        ref = hf(input_ids=batch["input_ids"], pixel_values=batch["images"].to(dtype)).logits.float()
+        images = {k: v.to(dtype) if v.is_floating_point() else v for k, v in family.hf_inputs(model_cfg, batch).items()}
+        ref = hf(input_ids=batch["input_ids"], **images).logits.float()
         out = model(batch["input_ids"], images=batch["images"], images_per_sample=batch["images_per_sample"])
     return (out[..., : ref.shape[-1]].float() - ref).abs().max().item()
 

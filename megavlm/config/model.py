@@ -27,6 +27,11 @@ class VisionConfig:
     feature_layer: int = -2
     keep_class_token: bool = False  # LLaVA's "default" select strategy drops it
     post_norm: bool = False         # a final LayerNorm on the features (BLIP-2's ViT)
+    normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
+    # InternViT: RMSNorm over all heads' q (and k) channels, and LayerScale (a learned per-channel
+    # scale on the attention and MLP outputs, initialised to this value; None: no LayerScale).
+    qk_norm: bool = False
+    layer_scale: Optional[float] = None
 
     def __post_init__(self):
         check(self.image_size % self.patch_size == 0, "vision.image_size",
@@ -94,7 +99,8 @@ class LanguageConfig:
 class ConnectorConfig:
     """Maps vision features to LLM embeddings."""
 
-    type: Literal["mlp2x_gelu", "linear", "qformer"] = "mlp2x_gelu"
+    # pixel_shuffle_mlp: InternVL's pixel shuffle (ratio 0.5) + LayerNorm + 2-layer GELU MLP
+    type: Literal["mlp2x_gelu", "linear", "qformer", "perceiver", "pixel_shuffle_mlp"] = "mlp2x_gelu"
     bias: bool = True
 
 
@@ -123,6 +129,33 @@ class QFormerConfig:
 
 
 @dataclass
+class FlamingoConfig:
+    """Flamingo / IDEFICS: a Perceiver resampler turns each image's ViT features into
+    ``num_latents`` latents; gated cross-attention blocks, inserted before every
+    ``cross_attention_interval``-th LLM layer, let text tokens attend to them."""
+
+    num_latents: int = 64
+    resampler_depth: int = 6
+    resampler_heads: int = 16
+    resampler_head_dim: int = 96
+    resampler_ffn_mult: int = 4        # resampler FFN width = mult x vision hidden size
+    max_frames: int = 1                # > 1: learned frame embeddings; a media item is [frames, 3, H, W]
+    cross_attention_interval: int = 4  # a gated block before LLM layer i when i % interval == 0 (IDEFICS)
+    # Which images a text token sees: the most recent preceding one (Flamingo), or all preceding.
+    media_attention: Literal["most_recent", "all_previous"] = "most_recent"
+    max_media: int = 5                 # images per sample; pipeline stages send this many latent sets
+    gate_type: Literal["float", "vector"] = "float"   # one tanh gate per block, or one per channel
+    gate_init: float = 0.0             # tanh(0) = 0: the frozen LLM's outputs are unchanged at the start
+    hf_additional_vocab: int = 0       # IDEFICS holds the last N vocabulary rows in separate tensors
+
+    def __post_init__(self):
+        for key in ("num_latents", "resampler_depth", "resampler_heads", "resampler_head_dim", "resampler_ffn_mult",
+                    "max_frames", "cross_attention_interval", "max_media"):
+            check(getattr(self, key) >= 1, f"flamingo.{key}", "must be >= 1")
+        check(self.hf_additional_vocab >= 0, "flamingo.hf_additional_vocab", "must be >= 0")
+
+
+@dataclass
 class KernelConfig:
     """Fused implementations (kernels/); chosen in models/common/layer_specs.py only."""
 
@@ -138,7 +171,7 @@ class KernelConfig:
 
 @dataclass
 class ModelConfig:
-    family: Literal["llava", "blip2"] = "llava"
+    family: Literal["llava", "blip2", "flamingo", "internvl"] = "llava"
     flavor: str = ""
     # What the model computes: "lm" (next-token loss through the LLM) or "qformer" (BLIP-2 stage 1:
     # ITC/ITM/ITG on the Q-Former, no LLM).
@@ -147,22 +180,45 @@ class ModelConfig:
     language: LanguageConfig = field(default_factory=LanguageConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     qformer: Optional[QFormerConfig] = None
+    flamingo: Optional[FlamingoConfig] = None
     image_token_id: int = 32000
     # Implementation of the transformer layers: chosen in models/common/layer_specs.py only.
     transformer_impl: Literal["local", "te"] = "local"
+    # FP8 GEMMs in the transformer layers through Transformer Engine (E4M3 forward, E5M2 gradients):
+    # "delayed" (amax history) or "current" (per-tensor current scaling); bf16 elsewhere.
+    fp8: Optional[Literal["delayed", "current"]] = None
     kernels: KernelConfig = field(default_factory=KernelConfig)
     init_std: float = 0.02
 
     def __post_init__(self):
+        check(self.fp8 is None or self.transformer_impl == "te", "fp8", "FP8 runs through Transformer Engine: "
+              "set transformer_impl: te")
         check(0 <= self.image_token_id < self.language.vocab_size, "image_token_id",
               f"{self.image_token_id} is outside the vocabulary (size {self.language.vocab_size})")
         check((self.connector.type == "qformer") == (self.qformer is not None), "qformer",
               "a qformer section goes with connector.type: qformer")
         check(self.head == "lm" or self.qformer is not None, "head", "head: qformer needs a qformer section")
+        check((self.connector.type == "perceiver") == (self.flamingo is not None), "flamingo",
+              "a flamingo section goes with connector.type: perceiver")
+        if self.flamingo is not None:
+            interval = self.flamingo.cross_attention_interval
+            check(self.language.num_layers % interval == 0, "flamingo.cross_attention_interval",
+                  f"{interval} does not divide language.num_layers {self.language.num_layers}")
+            check(self.flamingo.hf_additional_vocab < self.language.vocab_size, "flamingo.hf_additional_vocab",
+                  "must be smaller than language.vocab_size")
+        if self.connector.type == "pixel_shuffle_mlp":
+            side = self.vision.image_size // self.vision.patch_size
+            check(side % 2 == 0 and not self.vision.keep_class_token, "connector.type",
+                  f"pixel_shuffle_mlp needs an even grid of patch tokens without the class token (grid {side}x{side})")
 
     @property
     def image_tokens(self) -> int:
-        """LLM positions one image fills: the Q-Former's queries, or the ViT's tokens."""
+        """LLM positions one image fills: the Q-Former's queries, the ViT's tokens, or one
+        <image> marker (Flamingo: images enter through cross-attention, not the sequence)."""
+        if self.flamingo is not None:
+            return 1
+        if self.connector.type == "pixel_shuffle_mlp":
+            return self.vision.num_patches // 4
         return self.qformer.num_query_tokens if self.qformer is not None else self.vision.tokens_per_image
 
 

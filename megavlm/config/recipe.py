@@ -58,6 +58,9 @@ class StageConfig:
     lora: Optional[LoRAConfig] = None    # LoRA / QLoRA: then "lora" trains and "llm" does not
     # Objective weights of a multi-objective head (BLIP-2 stage 1: itc, itm, itg; default 1 each)
     loss_weights: dict[str, float] = field(default_factory=dict)
+    # Layer-wise LR decay of the vision encoder (InternVL, BEiT): ViT layer i of L trains at
+    # lr_vision * decay^(L - i), the embeddings at decay^(L + 1), the final norm at lr_vision.
+    vision_layer_decay: Optional[float] = None
 
     def __post_init__(self):
         for key, names in (("stage.trainable", self.trainable), ("stage.lr", list(self.lr)),
@@ -70,6 +73,9 @@ class StageConfig:
             check("llm" not in self.trainable, "stage.trainable", "with stage.lora the LLM base stays frozen: remove 'llm'")
         else:
             check("lora" not in self.trainable, "stage.trainable", "'lora' trains only with a stage.lora section")
+        if self.vision_layer_decay is not None:
+            check(0 < self.vision_layer_decay <= 1, "stage.vision_layer_decay", "must be in (0, 1]")
+            check("vision" in self.trainable, "stage.vision_layer_decay", "the vision encoder does not train in this stage")
         check(not (self.init_from_hf and (self.init_from or self.init_components_from_hf)), "stage.init_from_hf",
               "init_from_hf gives the whole model: do not combine it with init_from / init_components_from_hf")
 
@@ -141,11 +147,18 @@ class DataConfig:
     test: Optional[str] = None
     root: Optional[str] = None           # image paths are relative to it (default: the file's folder)
     tokenizer: str = ""
+    # tokens appended after the tokenizer's vocabulary, in order (HF "added tokens"), e.g.
+    # [<image>] for Vicuna (LLaVA-1.5: id 32000); the embedded tokenizer already has its markers
+    added_tokens: list[str] = field(default_factory=list)
     template: str = "plain"
     end_of_chunk: Optional[str] = None   # interleaved documents: marker after each text chunk
     embedded: Optional[str] = None       # generate the embedded dataset here first (quick start)
     image_backend: Literal["auto", "pil", "dali"] = "auto"   # auto: DALI (nvJPEG) on GPUs, else PIL
     packing: bool = False                # pack samples into seq_length rows (THD, cu_seqlens)
+    # dynamic resolution (InternVL): each image becomes 1..max_tiles tiles of the ViT's size chosen
+    # by aspect ratio, plus a thumbnail when there are several; 0: one resized image
+    max_tiles: int = 0
+    tile_thumbnail: bool = True
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     num_workers: int = 0                 # image-decoding threads (PIL) / DALI threads
     prefetch: bool = True                # prepare the next step while this one trains
@@ -154,6 +167,7 @@ class DataConfig:
 
     def __post_init__(self):
         check(0 <= self.max_skip_fraction <= 1, "data.max_skip_fraction", "must be in [0, 1]")
+        check(self.max_tiles >= 0, "data.max_tiles", "must be >= 0 (0: no tiling)")
         check(not (self.train and self.sources), "data.sources", "give data.train or data.sources, not both")
         check(self.samples_per_epoch is None or self.samples_per_epoch > 0, "data.samples_per_epoch", "must be positive")
 
@@ -215,6 +229,13 @@ class EvalConfig:
     max_samples: int = 200
     max_new_tokens: int = 8
     rerank_top_k: int = 8                # BLIP-2 retrieval: ITM re-ranks the ITC top-k
+    # captions JSONL: few-shot captioning (Flamingo-style interleaved prompts of k example
+    # image-caption pairs, then the query image); caption token accuracy per k in few_shot
+    few_shot_captions: Optional[str] = None
+    few_shot: list[int] = field(default_factory=lambda: [0, 2, 4])
+
+    def __post_init__(self):
+        check(all(k >= 0 for k in self.few_shot), "eval.few_shot", "shot counts must be >= 0")
 
 
 @dataclass

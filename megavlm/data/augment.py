@@ -24,9 +24,14 @@ class ImageAug:
     flip: bool = False
     brightness: float = 1.0
     contrast: float = 1.0
+    tiles: tuple[int, int] | None = None   # dynamic resolution: (cols, rows) of tiles (data/tiles.py)
+    thumbnail: bool = False                # with tiles: a thumbnail of the whole image after them
 
     def box(self, width: int, height: int) -> tuple[float, float, float, float]:
-        """Source box (x0, y0, x1, y1) in pixels; without a crop, the centre square (CLIP's crop)."""
+        """Source box (x0, y0, x1, y1) in pixels; without a crop, the centre square (CLIP's crop),
+        or the whole image when it is tiled."""
+        if self.crop is None and self.tiles is not None:
+            return 0.0, 0.0, float(width), float(height)
         if self.crop is None:
             side = min(width, height)
             x0, y0 = (width - side) / 2, (height - side) / 2

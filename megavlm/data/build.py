@@ -56,3 +56,12 @@ def build_step_loader(recipe, tokenizer, builder, collate: str, dp_rank: int, dp
 def open_eval_source(path: str, fmt: str, root, key: str):
     """A held-out file (validation, captions test, VQA test) as a record source."""
     return _open(path, fmt, root, key, None)
+
+
+def tile_planner(model_cfg, data_cfg):
+    """The dynamic-resolution tile planner the data config asks for, or None."""
+    if not data_cfg.max_tiles:
+        return None
+    from megavlm.data.tiles import TilePlanner
+
+    return TilePlanner(model_cfg.vision.image_size, data_cfg.max_tiles, data_cfg.tile_thumbnail)

@@ -18,8 +18,14 @@ from megavlm.losses.lm_loss import IGNORE_INDEX
 
 
 def _images(examples, image_size: int) -> torch.Tensor:
-    tensors = [t for ex in examples for t in ex.pixels]
-    return torch.stack(tensors) if tensors else torch.zeros(0, 3, image_size, image_size)
+    """Every ViT input of the examples in order; a tiled image ([views, 3, S, S]) gives several."""
+    tensors = [t.reshape(-1, *t.shape[-3:]) for ex in examples for t in ex.pixels]
+    return torch.cat(tensors) if tensors else torch.zeros(0, 3, image_size, image_size)
+
+
+def vit_inputs(example) -> int:
+    """ViT inputs of one example: its images, tiles counted one by one."""
+    return sum(t.reshape(-1, *t.shape[-3:]).shape[0] for t in example.pixels)
 
 
 def pad_micro_batch(examples: list, rows: int, seq_length: int, pad_id: int, image_size: int) -> dict:
@@ -28,7 +34,7 @@ def pad_micro_batch(examples: list, rows: int, seq_length: int, pad_id: int, ima
     for row, ex in enumerate(examples):
         input_ids[row, : len(ex)] = torch.tensor(ex.input_ids)
         labels[row, : len(ex)] = torch.tensor(ex.labels)
-    per_sample = [len(ex.pixels) for ex in examples] + [0] * (rows - len(examples))
+    per_sample = [vit_inputs(ex) for ex in examples] + [0] * (rows - len(examples))
     return {"input_ids": input_ids, "labels": labels, "images": _images(examples, image_size),
             "images_per_sample": torch.tensor(per_sample, dtype=torch.long),
             "sample_ids": [ex.sample_id for ex in examples]}
@@ -59,7 +65,7 @@ def pack_row(examples: list, seq_length: int, pad_id: int, image_size: int) -> d
                              max_seqlen_kv=longest)
     return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
             "position_ids": torch.tensor([positions]), "images": _images(examples, image_size),
-            "images_per_sample": torch.tensor([sum(len(ex.pixels) for ex in examples)], dtype=torch.long),
+            "images_per_sample": torch.tensor([sum(vit_inputs(ex) for ex in examples)], dtype=torch.long),
             "packed_seq_params": params, "sample_ids": [ex.sample_id for ex in examples]}
 
 

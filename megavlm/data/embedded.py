@@ -6,7 +6,8 @@ Writes, under ``--out``:
   captions_{split}.jsonl             {"image", "caption"} for stages 1-2 (feature alignment, pre-training)
   conversations_{split}.json         LLaVA-style {"image", "conversations": [human/gpt turns]} for stage 3
   interleaved_{split}.jsonl          documents of 2-4 images, each followed by its caption (Flamingo-style)
-  tokenizer.model                    sentencepiece model trained on all the text, "<image>" a user symbol
+  tokenizer.model                    sentencepiece model trained on all the text; "<image>", the Llama-3
+                                     markers, "[DEC]" (BLIP-2) and "<|endofchunk|>" (Flamingo) are single tokens
   manifest.json                      counts, seed and generator version
 
 Scenes are either a group (1-3 shapes of one colour and kind: "two red circles on a white
@@ -25,7 +26,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-VERSION = 3
+from megavlm.data.tokenizer import END_OF_CHUNK
+
+VERSION = 4
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
 SHAPES = ("circle", "square", "triangle")
@@ -151,7 +154,8 @@ def _train_tokenizer(out: Path, texts: list[str], vocab_size: int) -> None:
     corpus.write_text("\n".join(texts) + "\n")
     spm.SentencePieceTrainer.train(
         input=str(corpus), model_prefix=str(out / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
-        user_defined_symbols=["<image>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "[DEC]"],
+        user_defined_symbols=["<image>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "[DEC]",
+                              END_OF_CHUNK],
         character_coverage=1.0, hard_vocab_limit=False,
         bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2, num_threads=1,
     )

@@ -28,24 +28,28 @@ class Example:
 
 class ExampleBuilder:
     def __init__(self, encoder: ConversationEncoder, seq_length: int, augment=None, seed: int = 0,
-                 end_of_chunk: str | None = None):
+                 end_of_chunk: str | None = None, max_images: int | None = None, tiler=None):
         self.encoder, self.seq_length = encoder, seq_length
+        self.tiler = tiler                   # data/tiles.py TilePlanner: dynamic-resolution tiles
+        self.max_images = max_images         # a model's limit per sample (Flamingo's max_media)
         self.augment, self.seed = augment, seed
         self.end_of_chunk = end_of_chunk   # interleaved: a marker after each text chunk (Flamingo's <|endofchunk|>)
 
-    def _interleaved(self, record: Record, transform) -> tuple[list[int], list[bool]]:
+    def _interleaved(self, record: Record, transform, views) -> tuple[list[int], list[bool]]:
         enc, tok = self.encoder, self.encoder.tok
-        ids, sup = [tok.bos_id], [False]
+        ids = list(tok.bos_ids)
+        sup = [False] * len(ids)
         for kind, value in record.segments:
             if kind == "image":
-                ids += [enc.image_token_id] * enc.tokens_per_image
-                sup += [False] * enc.tokens_per_image
+                image = enc.image_ids(next(views))
+                ids += image
+                sup += [False] * len(image)
                 continue
             if IMAGE_TOKEN in value:
                 raise BadSample("image_tag_mismatch", f"sample {record.sample_id}: an interleaved text chunk contains "
                                                       f"{IMAGE_TOKEN}; images are content items")
             text = transform(value) if transform else value
-            piece = tok.encode(text) + (tok.encode(self.end_of_chunk) if self.end_of_chunk else [])
+            piece = tok.encode(text) + (tok.encode_marker(self.end_of_chunk) if self.end_of_chunk else [])
             ids += piece
             sup += [True] * len(piece)
         ids.append(tok.eos_id)
@@ -53,15 +57,23 @@ class ExampleBuilder:
         return ids, sup
 
     def build(self, record: Record, index: int, epoch: int) -> Example:
+        if self.max_images is not None and len(record.images) > self.max_images:
+            raise BadSample("too_many_images", f"sample {record.sample_id}: {len(record.images)} images, the model "
+                                               f"takes at most {self.max_images} per sample")
         augs, transform = augment_record(record, self.augment, self.seed, epoch, index)
+        data = [ref.read(record.sample_id) for ref in record.images]
+        views = [1] * len(data)
+        if self.tiler is not None:
+            planned = [self.tiler.plan(d, aug, record.sample_id, ref.source) for d, aug, ref in zip(data, augs, record.images)]
+            augs, views = [a for a, _ in planned], [v for _, v in planned]
         if record.segments is not None:
-            ids, supervised = self._interleaved(record, transform)
+            ids, supervised = self._interleaved(record, transform, iter(views))
         else:
             turns = [(transform(u), transform(a)) for u, a in record.turns] if transform else record.turns
-            ids, supervised = self.encoder.encode(turns, len(record.images), record.sample_id)
+            ids, supervised = self.encoder.encode(turns, len(record.images), record.sample_id, views)
         if len(ids) > self.seq_length:
             raise BadSample("over_length", f"sample {record.sample_id}: {len(ids)} tokens exceed seq_length {self.seq_length}")
-        images = [(ref.read(record.sample_id), aug, ref.source) for ref, aug in zip(record.images, augs)]
+        images = [(d, aug, ref.source) for d, ref, aug in zip(data, record.images, augs)]
         return Example(record.sample_id, ids, shifted_labels(ids, supervised), images)
 
 
@@ -79,6 +91,6 @@ class TextExampleBuilder:
         augs, transform = augment_record(record, self.augment, self.seed, epoch, index)
         caption = record.turns[0][1]
         caption = transform(caption) if transform else caption
-        ids = [self.tok.bos_id] + self.tok.encode(caption)[: self.max_tokens - 2] + [self.tok.eos_id]
+        ids = self.tok.bos_ids + self.tok.encode(caption)[: self.max_tokens - 1 - len(self.tok.bos_ids)] + [self.tok.eos_id]
         images = [(ref.read(record.sample_id), aug, ref.source) for ref, aug in zip(record.images, augs)]
         return Example(record.sample_id, ids, [], images)

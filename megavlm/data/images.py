@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from megavlm.data.augment import ImageAug
 from megavlm.data.templates import BadSample
+from megavlm.data.tiles import split_tiles
 
 log = logging.getLogger(__name__)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -82,8 +83,14 @@ def normalize(array: np.ndarray) -> torch.Tensor:
 
 
 def pil_preprocess(data: bytes, size: int, aug: ImageAug, sample_id: str = "?", source: str = "?") -> torch.Tensor:
+    """[3, size, size], or [views, 3, size, size] for a tiled image (``aug.tiles``)."""
     image = open_image(data, sample_id, source)
     box = aug.box(*image.size)
+    if aug.tiles is not None:
+        if aug.flip:  # mirror the whole image (and its box) before it is cut into tiles
+            image, box = image.transpose(Image.FLIP_LEFT_RIGHT), (image.width - box[2], box[1], image.width - box[0], box[3])
+        views = split_tiles(image, size, aug.tiles, aug.thumbnail, box)
+        return torch.stack([normalize(jitter(np.asarray(v), aug.brightness, aug.contrast)) for v in views])
     image = image.resize((size, size), Image.BICUBIC, box=box)
     if aug.flip:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
@@ -190,6 +197,9 @@ class DALIBackend:
         results: list = [None] * len(items)
         good = []
         for i, (data, aug, sample_id, source) in enumerate(items):
+            if aug.tiles is not None:  # tiling runs on the PIL path; a DALI tiling pipeline is future work
+                results[i] = self.fallback.decode([items[i]])[0]
+                continue
             try:
                 good.append((i, image_size(data, sample_id, source)))
             except BadSample as err:

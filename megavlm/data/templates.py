@@ -50,6 +50,10 @@ TEMPLATES = {
         system="A chat between a curious user and an artificial intelligence assistant. "
                "The assistant gives helpful, detailed, and polite answers to the user's questions.",
         user=" USER: ", assistant=" ASSISTANT: ", end=EOS),
+    # ChatML (Qwen2, InternVL 2.5 / 3).
+    "chatml": ChatTemplate(
+        "chatml", system="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
+        user="<|im_start|>user\n", assistant="<|im_end|>\n<|im_start|>assistant\n", end="<|im_end|>", sep="\n"),
     # Llama-3 style headers.
     "llama3": ChatTemplate(
         "llama3", system="",
@@ -94,12 +98,17 @@ class ConversationEncoder:
         self.tokens_per_image = tokens_per_image
         self.image_token_id = image_token_id
 
-    def _text(self, text: str) -> list[int]:
-        """Token ids of text in which <image> marks image positions."""
+    def image_ids(self, views: int = 1) -> list[int]:
+        """The image-token positions of one image that reaches the ViT as ``views`` inputs (tiles)."""
+        return [self.image_token_id] * (self.tokens_per_image * views)
+
+    def _text(self, text: str, views) -> list[int]:
+        """Token ids of text in which <image> marks image positions; ``views`` yields each image's
+        number of ViT inputs in order."""
         ids: list[int] = []
         for i, part in enumerate(text.split(IMAGE_TOKEN)):
             if i:
-                ids += [self.image_token_id] * self.tokens_per_image
+                ids += self.image_ids(next(views))
             if part:
                 ids += self.tok.encode(part)
         return ids
@@ -107,20 +116,24 @@ class ConversationEncoder:
     def _end(self) -> list[int]:
         return [self.tok.eos_id] if self.template.end == EOS else self.tok.encode(self.template.end)
 
-    def encode(self, pairs: list[tuple[str, str]], num_images: int, sample_id: str) -> tuple[list[int], list[bool]]:
-        """(input ids, supervised flag per token)."""
+    def encode(self, pairs: list[tuple[str, str]], num_images: int, sample_id: str,
+               image_views: list[int] | None = None) -> tuple[list[int], list[bool]]:
+        """(input ids, supervised flag per token). ``image_views``: ViT inputs per image (tiles;
+        default one each)."""
         tags = sum(u.count(IMAGE_TOKEN) + a.count(IMAGE_TOKEN) for u, a in pairs)
         if tags != num_images:
             raise BadSample("image_tag_mismatch",
                             f"sample {sample_id}: {tags} {IMAGE_TOKEN} tag(s) in the text but {num_images} image(s)")
         t = self.template
-        ids, sup = [self.tok.bos_id], [False]
+        views = iter(image_views or [1] * num_images)
+        ids = list(self.tok.bos_ids)
+        sup = [False] * len(ids)
         if t.system:
             ids += self.tok.encode(t.system)
         sup += [False] * (len(ids) - len(sup))
         spans = []
         for user, answer in pairs:
-            prompt = (self.tok.encode(t.user) if t.user.strip() else []) + self._text(user) + self.tok.encode(t.assistant)
+            prompt = (self.tok.encode(t.user) if t.user.strip() else []) + self._text(user, views) + self.tok.encode(t.assistant)
             reply = self.tok.encode(answer) + self._end()
             ids += prompt
             sup += [False] * len(prompt)
@@ -135,9 +148,9 @@ class ConversationEncoder:
         return ids, sup
 
     def encode_prompt(self, history: list[tuple[str, str]], question: str, num_images: int,
-                      sample_id: str) -> list[int]:
+                      sample_id: str, image_views: list[int] | None = None) -> list[int]:
         """Ids up to and including the assistant marker of a new ``question`` (for generation)."""
-        ids, _ = self.encode(history + [(question, "")], num_images, sample_id)
+        ids, _ = self.encode(history + [(question, "")], num_images, sample_id, image_views)
         return ids[: len(ids) - len(self._end())]
 
     def _self_check(self, ids: list[int], spans: list[tuple[int, int, str]], sample_id: str) -> None:

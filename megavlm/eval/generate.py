@@ -12,7 +12,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megavlm.losses.lm_loss import IGNORE_INDEX
-from megavlm.training.step import model_inputs, reduce_losses
+from megavlm.training.step import model_inputs, pipeline_seq_length, reduce_losses
 
 
 def vocab_parallel_argmax(logits: torch.Tensor, vocab_size: int, tp_group=None,
@@ -52,7 +52,7 @@ def _run_forward(model_chunks: list, batches: list[dict], loss_fn, seq_length: i
 
     with torch.no_grad():
         return schedule(forward_step_func=forward_step, data_iterator=iter(batches), model=model_chunks,
-                        num_microbatches=len(batches), seq_length=seq_length,
+                        num_microbatches=len(batches), seq_length=pipeline_seq_length(model_chunks, seq_length),
                         micro_batch_size=batches[0]["input_ids"].shape[0], forward_only=True)
 
 

@@ -27,7 +27,7 @@ def _batches(ctx, source, limit: int) -> tuple[list[dict], list[str]]:
     cfg = ctx.model_cfg
     builder = TextExampleBuilder(ctx.tokenizer, ctx.seq_length)
     examples, _ = load_examples(source, builder, PILBackend(cfg.vision.image_size), list(range(min(limit, len(source)))), 0)
-    captions = [ctx.tokenizer.decode(ex.input_ids[1:-1]) for ex in examples]
+    captions = [ctx.tokenizer.decode(ex.input_ids[len(ctx.tokenizer.bos_ids):-1]) for ex in examples]
     mbs = ctx.micro_batch_size
     batches = [text_micro_batch(examples[i:i + mbs], mbs, ctx.seq_length, ctx.tokenizer.pad_id, cfg.vision.image_size)
                for i in range(0, len(examples), mbs)]

@@ -9,10 +9,10 @@ import torch
 from megavlm.data.augment import ImageAug
 from megavlm.data.build import encoder_for, open_eval_source
 from megavlm.data.collate import pad_micro_batch
-from megavlm.data.examples import ExampleBuilder
+from megavlm.data.examples import Example, ExampleBuilder
 from megavlm.data.images import PILBackend, blank_image
 from megavlm.data.loader import load_examples
-from megavlm.data.templates import BadSample
+from megavlm.data.templates import BadSample, shifted_labels
 from megavlm.eval.generate import greedy_generate, token_accuracy
 from megavlm.training.stages import set_train_mode
 
@@ -26,6 +26,8 @@ class EvalContext:
     seq_length: int
     micro_batch_size: int
     device: torch.device
+    end_of_chunk: str | None = None   # interleaved text: the marker after each chunk (data.end_of_chunk)
+    tiler: object = None              # data/tiles.py TilePlanner when images are tiled (data.max_tiles)
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -40,7 +42,8 @@ def _with_blank_images(batch: dict, size: int) -> dict:
 def eval_micro_batches(ctx: EvalContext, source, template: str, limit: int) -> list[dict]:
     """Padded micro-batches of the first ``limit`` usable samples (PIL decoding, no augmentation)."""
     cfg = ctx.model_cfg
-    builder = ExampleBuilder(encoder_for(cfg, ctx.tokenizer, template), ctx.seq_length)
+    builder = ExampleBuilder(encoder_for(cfg, ctx.tokenizer, template), ctx.seq_length, end_of_chunk=ctx.end_of_chunk,
+                             tiler=ctx.tiler)
     examples, _ = load_examples(source, builder, PILBackend(cfg.vision.image_size), list(range(min(limit, len(source)))), 0)
     mbs = ctx.micro_batch_size
     usable = len(examples) // mbs * mbs
@@ -65,14 +68,19 @@ def _vqa_items(ctx: EvalContext, source, template: str, limit: int) -> list[dict
         try:
             record = source[index]
             question, answer = record.turns[0]
-            prompt = encoder.encode_prompt([], question, len(record.images), record.sample_id)
-            data = [(ref.read(record.sample_id), ref.source) for ref in record.images]
+            data = [(ref.read(record.sample_id), ImageAug(), ref.source) for ref in record.images]
+            views = [1] * len(data)
+            if ctx.tiler is not None:
+                planned = [ctx.tiler.plan(d, aug, record.sample_id, src) for d, aug, src in data]
+                data = [(d, aug, src) for (d, _, src), (aug, _) in zip(data, planned)]
+                views = [v for _, v in planned]
+            prompt = encoder.encode_prompt([], question, len(record.images), record.sample_id, views)
         except BadSample:
             continue
-        pixels = backend.decode([(d, ImageAug(), record.sample_id, src) for d, src in data])
+        pixels = backend.decode([(d, aug, record.sample_id, src) for d, aug, src in data])
         if len(prompt) + 8 > ctx.seq_length or any(isinstance(p, BadSample) for p in pixels):
             continue
-        items.append({"prompt": prompt, "answer": answer, "images": pixels})
+        items.append({"prompt": prompt, "answer": answer, "images": [t.reshape(-1, *t.shape[-3:]) for t in pixels]})
     return items
 
 
@@ -92,16 +100,64 @@ def vqa_exact_match(ctx: EvalContext, source, template: str, limit: int, max_new
         for row, item in enumerate(chunk):
             ids[row, : len(item["prompt"])] = torch.tensor(item["prompt"])
         images = [img for item in chunk for img in item["images"]]
-        pixel = torch.stack(images) if images else torch.zeros(0, 3, size, size)
+        pixel = torch.cat(images) if images else torch.zeros(0, 3, size, size)
         if blank and images:
-            pixel = blank_image(size).expand(len(images), -1, -1, -1).contiguous()
-        batch = _to_device({"input_ids": ids, "images": pixel,
-                            "images_per_sample": torch.tensor([len(i["images"]) for i in chunk])}, ctx.device)
+            pixel = blank_image(size).expand(pixel.shape[0], -1, -1, -1).contiguous()
+        per_sample = [sum(t.shape[0] for t in i["images"]) for i in chunk]
+        batch = _to_device({"input_ids": ids, "images": pixel, "images_per_sample": torch.tensor(per_sample)},
+                           ctx.device)
         outputs = greedy_generate(ctx.model_chunks, batch, [len(i["prompt"]) for i in chunk], ctx.head,
                                   ctx.tokenizer.eos_id, max_new_tokens, exclude=cfg.image_token_id)
         for item, out in zip(chunk, outputs):
             correct += _normalize_answer(ctx.tokenizer.decode(out)) == _normalize_answer(item["answer"])
     return {"exact_match": correct / max(evaluated, 1), "samples": evaluated}
+
+
+def _few_shot_examples(ctx: EvalContext, source, shots: int, limit: int) -> list[Example]:
+    """Query i: ``shots`` other image-caption pairs of ``source`` (the next ones, cyclically),
+    then image i and its caption, in the interleaved layout the model trained on:
+    ``<bos> <image> caption <eoc> ... <image> caption <eoc>``; labels on the query caption only."""
+    tok, image_token = ctx.tokenizer, ctx.model_cfg.image_token_id
+    end = tok.encode_marker(ctx.end_of_chunk) if ctx.end_of_chunk else []
+    backend = PILBackend(ctx.model_cfg.vision.image_size)
+    examples = []
+    for index in range(min(limit, len(source))):
+        picks = [(index + 1 + j) % len(source) for j in range(shots)] + [index]
+        ids, images = list(tok.bos_ids), []
+        supervised = [False] * len(ids)
+        try:
+            for n, pick in enumerate(picks):
+                record = source[pick]
+                ref, caption = record.images[0], record.turns[0][1]
+                piece = tok.encode(caption) + end
+                ids += [image_token] * ctx.model_cfg.image_tokens + piece
+                supervised += [False] * ctx.model_cfg.image_tokens + [n == shots] * len(piece)
+                images.append((ref.read(record.sample_id), ImageAug(), record.sample_id, ref.source))
+        except BadSample:
+            continue
+        pixels = backend.decode(images)
+        if len(ids) > ctx.seq_length or any(isinstance(p, BadSample) for p in pixels):
+            continue
+        examples.append(Example(f"{source[index].sample_id}@{shots}shot", ids, shifted_labels(ids, supervised), [],
+                                pixels=list(pixels)))
+    return examples
+
+
+def few_shot_captioning(ctx: EvalContext, source, shots: int, limit: int, blank: bool) -> dict:
+    """Teacher-forced token accuracy on the query caption; ``blank``: the query image (only) blank."""
+    examples = _few_shot_examples(ctx, source, shots, limit)
+    if blank:
+        query = blank_image(ctx.model_cfg.vision.image_size)
+        for ex in examples:
+            ex.pixels[-1] = query
+    mbs, cfg = ctx.micro_batch_size, ctx.model_cfg
+    usable = len(examples) // mbs * mbs
+    batches = [_to_device(pad_micro_batch(examples[i:i + mbs], mbs, ctx.seq_length, ctx.tokenizer.pad_id,
+                                          cfg.vision.image_size), ctx.device) for i in range(0, usable, mbs)]
+    if not batches:
+        raise ValueError(f"few-shot captioning ({shots} shots): no query fits train.seq_length {ctx.seq_length} "
+                         f"in micro-batches of {mbs}")
+    return dict(token_accuracy(ctx.model_chunks, batches, ctx.head, ctx.seq_length), samples=usable)
 
 
 def evaluate_vlm(ctx: EvalContext, eval_cfg, template: str) -> dict[str, float]:
@@ -120,6 +176,12 @@ def evaluate_vlm(ctx: EvalContext, eval_cfg, template: str) -> dict[str, float]:
         for suffix, blank in variants:
             result = vqa_exact_match(ctx, vqa, template, eval_cfg.max_samples, eval_cfg.max_new_tokens, blank)
             metrics[f"vqa_exact_match{suffix}"] = result["exact_match"]
+    if eval_cfg.few_shot_captions:
+        captions = open_eval_source(eval_cfg.few_shot_captions, "captions", None, "eval.few_shot_captions")
+        for shots in eval_cfg.few_shot:
+            for suffix, blank in variants:
+                result = few_shot_captioning(ctx, captions, shots, eval_cfg.max_samples, blank)
+                metrics[f"caption_{shots}shot_token_accuracy{suffix}"] = result["accuracy"]
     return metrics
 
 

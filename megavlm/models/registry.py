@@ -18,6 +18,8 @@ class Family:
     hf_class: str        # transformers class name of the HF reference
     hf_model_type: str   # config.json "model_type" of that class
     complete_for_hf: Callable  # (model_cfg, hf_state, reference) -> (hf_config, hf_state) loadable by HF
+    # (model_cfg, megavlm batch) -> the image arguments of the HF class's forward
+    hf_inputs: Callable = lambda model_cfg, batch: {"pixel_values": batch["images"]}
 
 
 def _llava() -> Family:
@@ -42,7 +44,25 @@ def _blip2() -> Family:
                   adapter.config_to_hf, "Blip2ForConditionalGeneration", "blip-2", adapter.complete_for_hf)
 
 
-_FAMILIES = {"llava": _llava, "blip2": _blip2}
+def _flamingo() -> Family:
+    from megavlm.models import flamingo
+    from megavlm.models.flamingo import state_dict_adapter as adapter
+    from megavlm.models.flamingo.model import FlamingoModel
+
+    return Family("flamingo", flamingo.FLAVORS, FlamingoModel, adapter.FlamingoStateDictAdapter, adapter.config_from_hf,
+                  adapter.config_to_hf, adapter.ARCHITECTURE, "idefics", adapter.complete_for_hf, adapter.hf_inputs)
+
+
+def _internvl() -> Family:
+    from megavlm.models import internvl
+    from megavlm.models.internvl import state_dict_adapter as adapter
+    from megavlm.models.internvl.model import InternVLModel
+
+    return Family("internvl", internvl.FLAVORS, InternVLModel, adapter.InternVLStateDictAdapter, adapter.config_from_hf,
+                  adapter.config_to_hf, adapter.ARCHITECTURE, "internvl", adapter.complete_for_hf)
+
+
+_FAMILIES = {"llava": _llava, "blip2": _blip2, "flamingo": _flamingo, "internvl": _internvl}
 
 
 def get_family(name: str) -> Family:

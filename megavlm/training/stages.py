@@ -62,14 +62,29 @@ def megatron_optimizer_config(opt: OptimizerConfig, dtype: torch.dtype) -> Megat
     )
 
 
-def optimizer_groups(stage: StageConfig, opt: OptimizerConfig, config: MegatronOptimizerConfig) -> dict:
-    """megatron-core param-group overrides: no weight decay on biases and norms (1-D), and each
-    component's own learning rate and weight decay from the stage."""
+def _vit_depth_key(depth: int) -> ParamKey:
+    return ParamKey(predicate=ParamPredicate(
+        name=f"vision_depth={depth}",
+        fn=lambda p, d=depth: getattr(p, "megavlm_component", None) == "vision" and getattr(p, "megavlm_vit_depth", -1) == d))
+
+
+def optimizer_groups(stage: StageConfig, opt: OptimizerConfig, config: MegatronOptimizerConfig,
+                     vision_layers: int = 0) -> dict:
+    """megatron-core param-group overrides: no weight decay on biases and norms (1-D), each
+    component's own learning rate and weight decay from the stage, and with
+    ``stage.vision_layer_decay`` one learning rate per ViT depth (``vision_layers`` layers)."""
     overrides = get_standard_config_overrides(config)
     for component, lr in stage.lr.items():
         if component not in stage.trainable:
             raise ConfigError(f"bad value for 'stage.lr.{component}': the component does not train in this stage")
+        if component == "vision" and stage.vision_layer_decay is not None:
+            continue  # per depth below
         overrides[_component_key(component)] = {"max_lr": lr, "min_lr": lr * opt.min_lr_ratio}
+    if stage.vision_layer_decay is not None:
+        base = stage.lr.get("vision", opt.lr)
+        for depth in range(vision_layers + 2):
+            lr = base * stage.vision_layer_decay ** (vision_layers + 1 - depth)
+            overrides[_vit_depth_key(depth)] = {"max_lr": lr, "min_lr": lr * opt.min_lr_ratio}
     for component, wd in stage.weight_decay.items():
         if component not in stage.trainable:
             raise ConfigError(f"bad value for 'stage.weight_decay.{component}': the component does not train in this stage")

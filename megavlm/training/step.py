@@ -60,6 +60,13 @@ def configure_schedule(model_chunks: list, grad_scale_func=None) -> None:
     config.no_sync_func = (no_sync[0] if len(no_sync) == 1 else no_sync) or None
 
 
+def pipeline_seq_length(model_chunks: list, seq_length: int) -> int:
+    """Rows of the tensor pipeline stages exchange: the sequence, plus any rows a family sends
+    along with it (Flamingo's media latents, models/flamingo/model.py)."""
+    inner = getattr(model_chunks[0], "module", model_chunks[0])
+    return seq_length + getattr(inner, "pipeline_extra_rows", 0)
+
+
 @dataclass
 class StepResult:
     losses: dict[str, float]         # per-token loss over the global batch, by name
@@ -77,7 +84,7 @@ def forward_backward(model_chunks: list, batches: list[dict], loss_fn: LossFn, s
         data_iterator=iter(batches),
         model=model_chunks,
         num_microbatches=len(batches),
-        seq_length=seq_length,
+        seq_length=pipeline_seq_length(model_chunks, seq_length),
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from megavlm.data.build import encoder_for, open_eval_source
+from megavlm.data.build import encoder_for, open_eval_source, tile_planner
 from megavlm.data.examples import ExampleBuilder, TextExampleBuilder
 from megavlm.models.common.layer_specs import lm_head
 from megavlm.training.step import lm_loss_fn
@@ -21,8 +21,10 @@ class LMTask:
 
     def builder(self):
         r = self.recipe
+        max_images = r.model.flamingo.max_media if r.model.flamingo is not None else None
         return ExampleBuilder(encoder_for(r.model, self.tokenizer, r.data.template), r.train.seq_length,
-                              augment=r.data.augment, seed=r.train.seed, end_of_chunk=r.data.end_of_chunk)
+                              augment=r.data.augment, seed=r.train.seed, end_of_chunk=r.data.end_of_chunk,
+                              max_images=max_images, tiler=tile_planner(r.model, r.data))
 
     def loss_fn(self):
         return lm_loss_fn(self.head)

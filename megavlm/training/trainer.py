@@ -17,7 +17,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megavlm.config.recipe import Recipe, dump_recipe
 from megavlm.config.schema import ConfigError
 from megavlm.data import embedded
-from megavlm.data.build import build_step_loader, open_eval_source
+from megavlm.data.build import build_step_loader, open_eval_source, tile_planner
 from megavlm.data.loader import SkipCounter
 from megavlm.data.sampler import SamplerState
 from megavlm.data.tokenizer import load_tokenizer
@@ -73,7 +73,7 @@ class Trainer:
             dist.barrier()
         if not data.tokenizer:
             raise ConfigError("missing key 'data.tokenizer' in the recipe")
-        tok = load_tokenizer(data.tokenizer)
+        tok = load_tokenizer(data.tokenizer, data.added_tokens)
         if tok.image_token_id != model.image_token_id:
             raise ConfigError(f"bad value for 'model.image_token_id': {model.image_token_id}, but the tokenizer "
                               f"{data.tokenizer} maps <image> to {tok.image_token_id}")
@@ -112,7 +112,8 @@ class Trainer:
     def _build_optimizer(self):
         opt = self.recipe.optimizer
         config = megatron_optimizer_config(opt, self.dtype)
-        optimizer = get_megatron_optimizer(config, [self.ddp], config_overrides=optimizer_groups(self.recipe.stage, opt, config))
+        optimizer = get_megatron_optimizer(config, [self.ddp], config_overrides=optimizer_groups(
+            self.recipe.stage, opt, config, self.recipe.model.vision.layers_to_build))
         warmup = opt.warmup_steps if opt.warmup_steps is not None else round((opt.warmup_ratio or 0.0) * self.total_steps)
         warmup = min(warmup, self.total_steps - 1)
         scheduler = OptimizerParamScheduler(
@@ -231,7 +232,7 @@ class Trainer:
     def _eval_context(self) -> EvalContext:
         r = self.recipe
         return EvalContext([self.ddp], self.tokenizer, r.model, getattr(self.task, "head", None), r.train.seq_length,
-                           r.train.micro_batch_size, self.ctx.device)
+                           r.train.micro_batch_size, self.ctx.device, r.data.end_of_chunk, tile_planner(r.model, r.data))
 
     def _validate(self) -> dict[str, float]:
         metrics = self.task.validate(self._eval_context(), self.val_set)

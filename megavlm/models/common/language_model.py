@@ -16,12 +16,13 @@ def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
 
 
 def build_language_model(language: LanguageConfig, config: TransformerConfig, impl: str, pg_collection=None,
-                         pre_process: bool = True, post_process: bool = True) -> GPTModel:
+                         pre_process: bool = True, post_process: bool = True, layer_spec=None) -> GPTModel:
     """Llama-style (RMSNorm, SwiGLU, RoPE, GQA) or OPT-style (LayerNorm, ReLU, learned positions),
-    vocab-parallel embedding and output layer, tied or untied."""
+    vocab-parallel embedding and output layer, tied or untied. ``layer_spec`` replaces the
+    decoder layer spec (Flamingo's fusion layers)."""
     return GPTModel(
         config=config,
-        transformer_layer_spec=decoder_layer_spec(impl),
+        transformer_layer_spec=layer_spec or decoder_layer_spec(impl),
         vocab_size=padded_vocab_size(language.vocab_size, config.tensor_model_parallel_size),
         max_sequence_length=language.max_seq_len,
         pre_process=pre_process,

@@ -7,6 +7,7 @@ receives specs and never branches on the implementation.
 """
 from __future__ import annotations
 
+import copy
 import functools
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -93,6 +94,37 @@ def encoder_layer_spec(impl: str) -> ModuleSpec:
     return _local_layer(AttnMaskType.no_mask) if impl == "local" else _te_layer(AttnMaskType.no_mask)
 
 
+def vision_layer_spec(model_cfg) -> ModuleSpec:
+    """The ViT's layer: CLIP's, or InternViT's with full-width QK-norm and LayerScale
+    (models/internvl/vision.py) when the vision config asks for them."""
+    vision, impl = model_cfg.vision, model_cfg.transformer_impl
+    spec = encoder_layer_spec(impl)
+    if not vision.qk_norm and vision.layer_scale is None:
+        return spec
+    from megavlm.models.internvl.vision import FullWidthRMSNorm, layer_scaled
+
+    spec = copy.deepcopy(spec)
+    attention, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
+    if vision.qk_norm:
+        attention.q_layernorm = attention.k_layernorm = FullWidthRMSNorm
+    if vision.layer_scale is not None:
+        params = {"layer_scale_init": vision.layer_scale}
+        attention.linear_proj = ModuleSpec(module=_layer_scaled(_module_of(attention.linear_proj)), params=params)
+        mlp.linear_fc2 = ModuleSpec(module=_layer_scaled(_module_of(mlp.linear_fc2)), params=params)
+    return spec
+
+
+def _module_of(spec_or_cls):
+    return spec_or_cls.module if isinstance(spec_or_cls, ModuleSpec) else spec_or_cls
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_scaled(row_parallel_cls: type) -> type:
+    from megavlm.models.internvl.vision import layer_scaled
+
+    return layer_scaled(row_parallel_cls)
+
+
 def norm_spec(impl: str):
     """Stand-alone norm (ViT ln_pre, final norms): LayerNorm or RMSNorm per the config."""
     _require_te(impl)
@@ -104,10 +136,15 @@ def norm_spec(impl: str):
 
 
 def connector_cls(model_cfg):
-    """LLaVA's MLP projector: PyTorch layers or the fused Triton kernels."""
+    """LLaVA's MLP projector or InternVL's pixel shuffle + LayerNorm + MLP: PyTorch layers or
+    the fused Triton kernels."""
     from megavlm.models.connectors.mlp_projector import FusedMLPProjector, MLPProjector
+    from megavlm.models.connectors.pixel_shuffle import FusedPixelShuffleProjector, PixelShuffleProjector
 
-    return FusedMLPProjector if model_cfg.kernels.connector == "triton" else MLPProjector
+    fused = model_cfg.kernels.connector == "triton"
+    if model_cfg.connector.type == "pixel_shuffle_mlp":
+        return FusedPixelShuffleProjector if fused else PixelShuffleProjector
+    return FusedMLPProjector if fused else MLPProjector
 
 
 def prepare_language_model(model_cfg, language_model):

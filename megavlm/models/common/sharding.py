@@ -16,7 +16,8 @@ from megavlm.parallel.layout import pipeline_layer_ranges
 
 # Megatron-core's parallel linears: column-parallel weights/biases split dim 0, row-parallel weights
 # split dim 1 (their biases are replicated). Matched against the key's last two name components.
-_COLUMN = re.compile(r"(linear_qkv|linear_q|linear_kv|linear_fc1|language_projection)\.(weight|bias)$")
+_COLUMN = re.compile(r"(linear_qkv|linear_q|linear_kv|linear_fc1|language_projection)\.(weight|bias)$"
+                     r"|self_attention\.[qk]_layernorm\.weight$")  # InternViT's full-width QK-norm, split by heads
 _ROW = re.compile(r"(linear_proj|linear_fc2)\.weight$")
 _VOCAB = re.compile(r"((word_embeddings|output_layer)\.weight|itg_bias)$")
 # LoRA adapters split like the layer they adapt: B with a column-parallel layer's rows, A with a

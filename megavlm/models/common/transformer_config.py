@@ -44,6 +44,8 @@ def _common(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype, re
         recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None,
         transformer_impl="transformer_engine" if model.transformer_impl == "te" else "local",
+        fp8="hybrid" if model.fp8 else None,
+        fp8_recipe={"delayed": "delayed", "current": "tensorwise"}.get(model.fp8, "delayed"),
     )
 
 
@@ -81,7 +83,7 @@ def vision_transformer_config(model: ModelConfig, parallel: ParallelConfig, dtyp
         num_attention_heads=vis.num_heads,
         ffn_hidden_size=vis.ffn_hidden_size,
         kv_channels=vis.hidden_size // vis.num_heads,
-        normalization="LayerNorm",
+        normalization=vis.normalization,
         layernorm_epsilon=vis.norm_eps,
         gated_linear_unit=False,
         activation_func=_VIT_ACTIVATIONS[vis.activation],
@@ -92,19 +94,33 @@ def vision_transformer_config(model: ModelConfig, parallel: ParallelConfig, dtyp
     )
 
 
-def qformer_transformer_config(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype = torch.float32
-                               ) -> TransformerConfig:
-    """Shapes, TP size and initialisation for the Q-Former's parallel linears."""
-    q = model.qformer
+def _side_module_config(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype, layers: int, hidden: int,
+                        heads: int, ffn: int, head_dim: int, eps: float, bias: bool) -> TransformerConfig:
+    """Shapes, TP size and initialisation for the parallel linears of a module beside the two
+    transformers (Q-Former, Perceiver resampler). It lives whole on the first pipeline stage."""
     return TransformerConfig(
-        num_layers=q.num_layers,
-        hidden_size=q.hidden_size,
-        num_attention_heads=q.num_heads,
-        ffn_hidden_size=q.ffn_hidden_size,
-        kv_channels=q.hidden_size // q.num_heads,
+        num_layers=layers,   # scales the init of output projections
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        ffn_hidden_size=ffn,
+        kv_channels=head_dim,
         normalization="LayerNorm",
-        layernorm_epsilon=q.norm_eps,
-        add_bias_linear=True,
+        layernorm_epsilon=eps,
+        add_bias_linear=bias,
         pipeline_model_parallel_size=1,
         **_common(model, parallel, dtype, recompute=False),
     )
+
+
+def qformer_transformer_config(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype = torch.float32
+                               ) -> TransformerConfig:
+    q = model.qformer
+    return _side_module_config(model, parallel, dtype, q.num_layers, q.hidden_size, q.num_heads, q.ffn_hidden_size,
+                               q.hidden_size // q.num_heads, q.norm_eps, bias=True)
+
+
+def resampler_transformer_config(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype = torch.float32
+                                 ) -> TransformerConfig:
+    f, width = model.flamingo, model.vision.hidden_size
+    return _side_module_config(model, parallel, dtype, f.resampler_depth, width, f.resampler_heads, f.resampler_ffn_mult * width,
+                               f.resampler_head_dim, 1e-5, bias=False)

@@ -34,6 +34,14 @@ class VisionTransformer(MegatronModule):
         # post_norm: a final LayerNorm on the features (BLIP-2); LLaVA reads an inner layer without one
         self.encoder = TransformerBlock(config=config, spec=layer_spec, post_layer_norm=vision.post_norm,
                                         pre_process=True, post_process=vision.post_norm, pg_collection=pg_collection)
+        for name, param in self.named_parameters():
+            param.megavlm_vit_depth = self._depth(name)
+
+    def _depth(self, name: str) -> int:
+        """0 for the embeddings, i + 1 for layer i, layers + 1 for the final norm (layer-wise LR decay)."""
+        if name.startswith("encoder.layers."):
+            return int(name.split(".")[2]) + 1
+        return self.vision.layers_to_build + 1 if name.startswith("encoder.") else 0
 
     def set_input_tensor(self, input_tensor):  # the ViT never receives pipeline input
         pass

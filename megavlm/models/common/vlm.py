@@ -1,5 +1,6 @@
 """Base of the families that feed images to the LLM as embeddings at <image> positions (LLaVA,
-BLIP-2 stage 2, InternVL), and what megatron-core's schedules and DDP ask of a model."""
+BLIP-2 stage 2, InternVL), and what megatron-core's schedules and DDP ask of any model around
+an LLM (``LanguageModelHost``, also Flamingo's base)."""
 from __future__ import annotations
 
 import abc
@@ -19,9 +20,9 @@ def run_frozen_aware(module: torch.nn.Module, *args):
         return module(*args)
 
 
-class VLMBase(MegatronModule, abc.ABC):
-    """Holds ``language_model`` (a GPTModel chunk) and, on the first pipeline stage, whatever
-    ``image_embeddings(images) -> [n, image_tokens, llm_hidden]`` needs."""
+class LanguageModelHost(MegatronModule):
+    """A model around ``language_model`` (a GPTModel chunk): what megatron-core's schedules,
+    DDP and the loss heads ask of it."""
 
     model_type = ModelType.encoder_or_decoder
 
@@ -41,6 +42,11 @@ class VLMBase(MegatronModule, abc.ABC):
         from megavlm.models.common.language_model import output_weight
 
         return output_weight(self.language_model)
+
+
+class VLMBase(LanguageModelHost, abc.ABC):
+    """Holds ``language_model`` and, on the first pipeline stage, whatever
+    ``image_embeddings(images) -> [n, image_tokens, llm_hidden]`` needs."""
 
     @abc.abstractmethod
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:

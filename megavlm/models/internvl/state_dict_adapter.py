@@ -1,0 +1,243 @@
+"""HF ``InternVLForConditionalGeneration`` (InternVL vision + Qwen2) <-> megavlm InternVL, any TP/PP.
+
+Used by ``tools/convert_checkpoint.py`` and the HF parity tests. The LLM side is the Llama
+mapping (with QKV biases for Qwen2); the vision side and the projector are mapped here.
+"""
+from __future__ import annotations
+
+import torch
+
+from megavlm.config.model import ConnectorConfig, ModelConfig, VisionConfig
+from megavlm.models.common import hf_blocks
+from megavlm.models.common.hf_blocks import _take
+from megavlm.models.common.sharding import fuse_qkv, split_qkv
+from megavlm.models.llava.state_dict_adapter import LlavaStateDictAdapter, normalize_hf_names
+
+VISION, PROJECTOR, LLM, HEAD = "model.vision_tower.", "model.multi_modal_projector.", "model.language_model.", "lm_head.weight"
+ARCHITECTURE = "InternVLForConditionalGeneration"
+
+# megavlm layer name <- HF layer name (both directions), InternViT layer
+_LAYER = {
+    "input_layernorm": "layernorm_before", "pre_mlp_layernorm": "layernorm_after",
+    "self_attention.linear_proj": "attention.projection_layer", "mlp.linear_fc1": "mlp.fc1", "mlp.linear_fc2": "mlp.fc2",
+}
+
+
+def _norm_params(vision: VisionConfig) -> tuple[str, ...]:
+    return ("weight",) if vision.normalization == "RMSNorm" else ("weight", "bias")
+
+
+def internvit_to_megavlm(hf: dict, src: str, out: dict, dst: str, vision: VisionConfig, qkv_bias: bool = True) -> None:
+    hidden, heads = vision.hidden_size, vision.num_heads
+    out[dst + "patch_embed.weight"] = _take(hf, src + "embeddings.patch_embeddings.projection.weight")
+    out[dst + "patch_embed.bias"] = _take(hf, src + "embeddings.patch_embeddings.projection.bias")
+    out[dst + "class_token"] = _take(hf, src + "embeddings.cls_token").reshape(hidden)
+    out[dst + "position_embeddings"] = _take(hf, src + "embeddings.position_embeddings").reshape(-1, hidden)
+    for i in range(vision.layers_to_build):
+        h, m = f"{src}encoder.layer.{i}.", f"{dst}encoder.layers.{i}."
+        for ours, theirs in _LAYER.items():
+            params = _norm_params(vision) if ours.endswith("layernorm") else ("weight", "bias")
+            for p in params:
+                out[f"{m}{ours}.{p}"] = _take(hf, f"{h}{theirs}.{p}")
+        weights = [_take(hf, f"{h}attention.{x}_proj.weight") for x in "qkv"]
+        out[m + "self_attention.linear_qkv.weight"] = fuse_qkv(*weights, heads, heads)
+        # megatron-core's QKV always carries a bias when the other linears do: zeros stand in for none
+        biases = [hf[f"{h}attention.{x}_proj.bias"] if qkv_bias else torch.zeros_like(w[:, 0]) for x, w in zip("qkv", weights)]
+        out[m + "self_attention.linear_qkv.bias"] = fuse_qkv(*biases, heads, heads)
+        if vision.qk_norm:
+            out[m + "self_attention.q_layernorm.weight"] = _take(hf, h + "attention.q_norm.weight")
+            out[m + "self_attention.k_layernorm.weight"] = _take(hf, h + "attention.k_norm.weight")
+        out[m + "self_attention.linear_proj.layer_scale"] = _take(hf, h + "lambda_1")
+        out[m + "mlp.linear_fc2.layer_scale"] = _take(hf, h + "lambda_2")
+    if vision.post_norm:
+        for p in _norm_params(vision):
+            out[dst + f"encoder.final_layernorm.{p}"] = _take(hf, src + f"layernorm.{p}")
+
+
+def internvit_to_hf(full: dict, src: str, hf: dict, dst: str, vision: VisionConfig) -> None:
+    hidden, heads = vision.hidden_size, vision.num_heads
+    hf[dst + "embeddings.patch_embeddings.projection.weight"] = full[src + "patch_embed.weight"]
+    hf[dst + "embeddings.patch_embeddings.projection.bias"] = full[src + "patch_embed.bias"]
+    hf[dst + "embeddings.cls_token"] = full[src + "class_token"].reshape(1, 1, hidden)
+    hf[dst + "embeddings.position_embeddings"] = full[src + "position_embeddings"].reshape(1, -1, hidden)
+    for i in range(vision.layers_to_build):
+        m, h = f"{src}encoder.layers.{i}.", f"{dst}encoder.layer.{i}."
+        for ours, theirs in _LAYER.items():
+            params = _norm_params(vision) if ours.endswith("layernorm") else ("weight", "bias")
+            for p in params:
+                hf[f"{h}{theirs}.{p}"] = full[f"{m}{ours}.{p}"]
+        for p in ("weight", "bias"):
+            q, k, v = split_qkv(full[m + f"self_attention.linear_qkv.{p}"], heads, heads)
+            hf[h + f"attention.q_proj.{p}"], hf[h + f"attention.k_proj.{p}"], hf[h + f"attention.v_proj.{p}"] = q, k, v
+        if vision.qk_norm:
+            hf[h + "attention.q_norm.weight"] = full[m + "self_attention.q_layernorm.weight"]
+            hf[h + "attention.k_norm.weight"] = full[m + "self_attention.k_layernorm.weight"]
+        hf[h + "lambda_1"] = full[m + "self_attention.linear_proj.layer_scale"]
+        hf[h + "lambda_2"] = full[m + "mlp.linear_fc2.layer_scale"]
+    if vision.post_norm:
+        for p in _norm_params(vision):
+            hf[dst + f"layernorm.{p}"] = full[src + f"encoder.final_layernorm.{p}"]
+
+
+class InternVLStateDictAdapter(LlavaStateDictAdapter):
+    """The LLaVA adapter's sharding and TP/PP handling with InternVL's vision tower and projector.
+    ``qkv_bias=False`` (InternViT-6B-style towers): the HF checkpoint has no q/k/v biases."""
+
+    def __init__(self, model: ModelConfig, *args, qkv_bias: bool = True, **kwargs):
+        super().__init__(model, *args, **kwargs)
+        self.qkv_bias = qkv_bias
+
+    def hf_to_full(self, hf: dict) -> dict:
+        hf = normalize_hf_names(hf)  # on disk: "language_model.model.*", "vision_tower.*" (as LLaVA's)
+        full: dict = {}
+        internvit_to_megavlm(hf, VISION, full, "vision.", self.model.vision, self.qkv_bias)
+        for p in ("weight", "bias"):
+            full[f"connector.layer_norm.{p}"] = _take(hf, f"{PROJECTOR}layer_norm.{p}")
+            for i in (1, 2):
+                full[f"connector.linear_fc{i}.{p}"] = _take(hf, f"{PROJECTOR}linear_{i}.{p}")
+        hf_blocks.llama_to_megavlm(hf, LLM, HEAD, full, "language_model.", self.model.language)
+        return full
+
+    def full_to_hf(self, full: dict) -> dict:
+        hf: dict = {}
+        internvit_to_hf(full, "vision.", hf, VISION, self.model.vision)
+        for p in ("weight", "bias"):
+            hf[f"{PROJECTOR}layer_norm.{p}"] = full[f"connector.layer_norm.{p}"]
+            for i in (1, 2):
+                hf[f"{PROJECTOR}linear_{i}.{p}"] = full[f"connector.linear_fc{i}.{p}"]
+        hf_blocks.llama_to_hf(full, "language_model.", hf, LLM, HEAD, self.model.language)
+        return hf
+
+    def components_to_megavlm(self, sources: dict[str, dict], tp_rank: int = 0, pp_rank: int = 0) -> dict:
+        """``vision`` from a stand-alone HF ``InternVLVisionModel``, ``llm`` from a Qwen2/Llama checkpoint."""
+        full: dict = {}
+        if "vision" in sources:
+            internvit_to_megavlm(sources["vision"], "", full, "vision.", self.model.vision, self.qkv_bias)
+        if "llm" in sources:
+            hf_blocks.llama_to_megavlm(sources["llm"], "model.", "lm_head.weight", full, "language_model.",
+                                       self.model.language)
+            for key in ("language_model.embedding.word_embeddings.weight", "language_model.output_layer.weight"):
+                if key in full:
+                    full[key] = _fit_rows(full[key], self.model.language.vocab_size)
+        unknown = set(sources) - {"vision", "llm"}
+        if unknown:
+            raise ValueError(f"InternVL loads stand-alone HF checkpoints for 'vision' and 'llm' only, not {sorted(unknown)}")
+        return self.plan.shard(full, tp_rank, pp_rank)
+
+    def unused_hf_keys(self, hf: dict) -> list[str]:
+        used = set(self.full_to_hf(self.hf_to_full(hf)))
+        return sorted(k for k in normalize_hf_names(hf) if k not in used)
+
+
+def _fit_rows(weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Qwen2 checkpoints pad their embedding past the tokenizer (151936 rows for 151665 tokens);
+    InternVL keeps vocab_size rows: extra rows are cut, missing ones get the mean embedding. The
+    trainer checks that the tokenizer fits the model's vocabulary."""
+    if weight.shape[0] >= vocab_size:
+        return weight[:vocab_size]
+    extra = weight.float().mean(0, keepdim=True).expand(vocab_size - weight.shape[0], -1).to(weight.dtype)
+    return torch.cat([weight, extra])
+
+
+def config_from_hf(hf_config: dict, flavor: str = "hf") -> ModelConfig:
+    """ModelConfig from an HF InternVL config.json dict."""
+    vis, text = hf_config["vision_config"], hf_config["text_config"]
+    ratio = hf_config.get("downsample_ratio", 0.5)
+    if ratio != 0.5:
+        raise ValueError(f"downsample_ratio={ratio}: only InternVL's 0.5 pixel shuffle is supported")
+    if hf_config.get("vision_feature_select_strategy", "default") != "default":
+        raise ValueError("vision_feature_select_strategy 'full' keeps the class token, which pixel shuffle cannot take")
+    layer = hf_config.get("vision_feature_layer", -1)
+    if not isinstance(layer, int):
+        raise ValueError(f"vision_feature_layer={layer!r}: multi-layer vision features are not supported")
+    for key, expected in (("projector_hidden_act", "gelu"),):
+        if hf_config.get(key, expected) != expected:
+            raise ValueError(f"{key}={hf_config[key]!r} is not supported (expected {expected!r})")
+    if vis.get("use_absolute_position_embeddings", True) is False or vis.get("use_mask_token", False):
+        raise ValueError("InternVL vision without absolute position embeddings (or with a mask token) is not supported")
+    size, patch = vis.get("image_size", 448), vis.get("patch_size", 14)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    norm_type = vis.get("norm_type", "layer_norm")
+    vision = VisionConfig(
+        image_size=size, patch_size=patch, hidden_size=vis["hidden_size"], num_layers=vis["num_hidden_layers"],
+        num_heads=vis["num_attention_heads"], ffn_hidden_size=vis["intermediate_size"],
+        activation=_vision_activation(vis.get("hidden_act", "gelu")), norm_eps=vis.get("layer_norm_eps", 1e-6),
+        pre_norm=False, patch_bias=True, feature_layer=layer,
+        post_norm=not vis.get("use_mean_pooling", True) and layer == -1,
+        normalization={"layer_norm": "LayerNorm", "rms_norm": "RMSNorm"}[norm_type],
+        qk_norm=bool(vis.get("use_qk_norm", False)), layer_scale=float(vis.get("layer_scale_init_value", 0.1)))
+    return ModelConfig(family="internvl", flavor=flavor, vision=vision, language=qwen2_config_from_hf(text),
+                       connector=ConnectorConfig(type="pixel_shuffle_mlp"),
+                       image_token_id=hf_config.get("image_token_id", 151667))
+
+
+def _vision_activation(act: str) -> str:
+    if act not in ("gelu", "quick_gelu"):
+        raise ValueError(f"InternVL vision hidden_act {act!r} is not supported (gelu or quick_gelu)")
+    return act
+
+
+def qwen2_config_from_hf(text: dict):
+    """Qwen2 is the Llama mapping with biases on q/k/v (always present in HF's Qwen2)."""
+    if text.get("model_type", "qwen2") not in ("qwen2", "llama"):
+        raise ValueError(f"InternVL text model_type {text.get('model_type')!r} is not supported (qwen2 or llama)")
+    lang = hf_blocks.llama_config_from_hf(text)
+    if text.get("model_type", "qwen2") == "qwen2":
+        lang.qkv_bias = True
+        if text.get("use_sliding_window"):
+            raise ValueError("Qwen2 sliding-window attention is not supported")
+    return lang
+
+
+def qwen2_config_to_hf(lang) -> dict:
+    config = hf_blocks.llama_config_to_hf(lang)
+    if not lang.qkv_bias:
+        return config  # a Llama decoder
+    config.update(model_type="qwen2", use_sliding_window=False, max_window_layers=lang.num_layers,
+                  layer_types=["full_attention"] * lang.num_layers)
+    for key in ("attention_bias", "mlp_bias"):
+        config.pop(key)
+    return config
+
+
+def config_to_hf(model: ModelConfig) -> dict:
+    vision = model.vision
+    if model.connector.type != "pixel_shuffle_mlp" or not model.connector.bias:
+        raise ValueError("HF InternVL has a biased pixel_shuffle_mlp projector only")
+    if vision.pre_norm or vision.layer_scale is None or not vision.class_token or vision.keep_class_token:
+        raise ValueError("HF InternVL vision has LayerScale and a dropped class token and no ln_pre")
+    return {
+        "model_type": "internvl", "architectures": [ARCHITECTURE],
+        "vision_config": {
+            "model_type": "internvl_vision", "hidden_size": vision.hidden_size,
+            "num_hidden_layers": vision.layers_to_build, "num_attention_heads": vision.num_heads,
+            "intermediate_size": vision.ffn_hidden_size, "hidden_act": vision.activation,
+            "layer_norm_eps": vision.norm_eps, "image_size": [vision.image_size] * 2,
+            "patch_size": [vision.patch_size] * 2, "use_qk_norm": vision.qk_norm,
+            "layer_scale_init_value": vision.layer_scale, "attention_bias": True,
+            "norm_type": "rms_norm" if vision.normalization == "RMSNorm" else "layer_norm",
+            "use_mean_pooling": not vision.post_norm, "use_absolute_position_embeddings": True,
+        },
+        "text_config": qwen2_config_to_hf(model.language),
+        "image_token_id": model.image_token_id, "image_seq_length": model.image_tokens,
+        "downsample_ratio": 0.5, "projector_hidden_act": "gelu",
+        # the exported tower holds the layers megavlm built: the features are its last layer's
+        "vision_feature_layer": -1, "vision_feature_select_strategy": "default",
+        "tie_word_embeddings": model.language.tie_embeddings,
+    }
+
+
+def complete_for_hf(model: ModelConfig, hf_state: dict, reference: dict | None = None) -> tuple[dict, dict]:
+    """HF config + state for ``from_pretrained``. The exported tower is cut to the layers megavlm
+    built and read at its last layer: the same features. ``reference`` adds HF tensors megavlm
+    does not hold (layers past the feature layer) and keeps the original depth."""
+    config, state = config_to_hf(model), dict(hf_state)
+    if reference is not None:
+        reference = normalize_hf_names(reference)
+        missing = InternVLStateDictAdapter(model).unused_hf_keys(reference)
+        if missing:
+            state.update({k: reference[k] for k in missing})
+            config["vision_config"]["num_hidden_layers"] = model.vision.num_layers
+            config["vision_feature_layer"] = model.vision.feature_layer
+    return config, state
