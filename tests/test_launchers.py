@@ -31,3 +31,25 @@ def test_slurm_variables():
 def test_single_node_defaults():
     cmd = _launch({})
     assert "--nnodes 1 --node_rank 0 --nproc_per_node 1 --master_addr localhost" in cmd
+
+
+def test_throughput_benchmark_runs_ours_and_hf_side_by_side():
+    """tools/benchmark_throughput.py at the debug shape: both implementations run the same step
+    and report tokens/s and FLOPs (the GPU table comes from tools/gpu/bench_throughput.sh)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark_throughput.py"), "--flavor", "debug",
+                           "--batch", "2", "--seq", "128", "--steps", "1", "--warmup", "1", "--stages", "1", "2",
+                           "--peers", "ours", "hf", "--json"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout[proc.stdout.index("["):])
+    assert {(r["peer"], r["stage"]) for r in rows} == {("ours", 1), ("hf", 1), ("ours", 2), ("hf", 2)}
+    for r in rows:
+        assert "error" not in r, r
+        assert r["tokens_per_s"] > 0 and r["tflops"] > 0
+    stage1, stage2 = (next(r for r in rows if r["peer"] == "ours" and r["stage"] == s) for s in (1, 2))
+    assert stage2["tflops"] * stage2["step_s"] > stage1["tflops"] * stage1["step_s"]  # LLM weight grads cost FLOPs

@@ -18,7 +18,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 
 VARIANTS = {
     "full": {"trainable": ["connector", "llm"]},
@@ -35,45 +34,21 @@ def _rss_mib() -> float:
 def run_variant(args) -> dict:
     import torch
 
-    from megavlm.config.model import ParallelConfig
     from megavlm.config.recipe import StageConfig
     from megavlm.config.schema import from_dict, with_overrides
-    from megavlm.data.synthetic import synthetic_batches
-    from megavlm.models.common.layer_specs import lm_head
     from megavlm.models.registry import flavor_config
-    from megavlm.parallel import init as pinit
     from megavlm.peft.nf4 import nf4_bytes
-    from megavlm.training.build import build_model, wrap_ddp
-    from megavlm.training.stages import apply_stage, megatron_optimizer_config, optimizer_groups
-    from megavlm.training.step import configure_schedule, lm_loss_fn, train_step
-    from megatron.core.optimizer import get_megatron_optimizer
+    from megavlm.training.bench import build_harness, ours_step, time_steps
 
-    from megavlm.config.recipe import OptimizerConfig
-
-    ctx = pinit.initialize(ParallelConfig(), seed=0)
     cfg = with_overrides(flavor_config("llava", args.flavor), args.override)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     start_rss = _rss_mib()
-    model = build_model(cfg, ParallelConfig(), ctx, pinit.process_groups(), dtype=dtype)
     stage = from_dict(StageConfig, dict(VARIANTS[args.variant], name=args.variant))
-    apply_stage(model, stage)
-    ddp = wrap_ddp(model)
-    configure_schedule([ddp])
-    opt_cfg = OptimizerConfig(lr=1e-4)
-    mcfg = megatron_optimizer_config(opt_cfg, dtype)
-    optimizer = get_megatron_optimizer(mcfg, [ddp], config_overrides=optimizer_groups(stage, opt_cfg, mcfg))
-    batches = synthetic_batches(cfg, args.batch, args.seq, micro_batch_size=args.batch, seed=0, image_pattern=(1,),
-                                device=ctx.device)
-    loss_fn = lm_loss_fn(lm_head(cfg, pinit.process_groups().tp, model.output_weight))
+    h = build_harness(cfg, stage, args.batch, args.seq, dtype)
+    model, ddp, optimizer = h.model, h.ddp, h.optimizer
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(args.steps):
-        begin = time.perf_counter()
-        train_step([ddp], optimizer, batches, loss_fn, args.seq, args.batch)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - begin)
+    times = time_steps(ours_step(h), args.steps, warmup=0)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     weights += sum(nf4_bytes(m.weight_nf4) for m in model.modules() if getattr(m, "weight_nf4", None) is not None)
     grads = sum(b.grad_data.numel() * b.grad_data.element_size() for b in ddp.buffers)
