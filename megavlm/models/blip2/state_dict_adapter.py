@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from megavlm.config.model import ConnectorConfig, ModelConfig, QFormerConfig
 from megavlm.models.common import hf_blocks
+from megavlm.models.common.adapter import ShardedAdapter
 from megavlm.models.common.sharding import ShardingPlan
 
 RETRIEVAL = "Blip2ForImageTextRetrieval"
 HEADS = {"vision_projection": "vision_projection", "text_projection": "text_projection", "itm": "itm_head"}
 
 
-class Blip2StateDictAdapter:
+class Blip2StateDictAdapter(ShardedAdapter):
     # megavlm tensors HF has no counterpart for: LAVIS's ITG head (BERT LM head) and ITC temperature
     not_in_hf = ("heads.itg_", "itg_bias", "temp")
 
@@ -63,15 +64,6 @@ class Blip2StateDictAdapter:
         to_hf(full, "language_model.", hf, dst, "language_model.lm_head.weight", m.language)
         return hf
 
-    def hf_to_megavlm(self, hf: dict, tp_rank: int = 0, pp_rank: int = 0) -> dict:
-        return self.plan.shard(self.hf_to_full(hf), tp_rank, pp_rank)
-
-    def megavlm_to_hf(self, shards: dict) -> dict:
-        shards = {k: {n: t for n, t in sd.items() if not n.endswith("_extra_state")} for k, sd in shards.items()}
-        full = self.plan.unshard(shards)
-        if self.model.language.tie_embeddings:
-            full.pop("language_model.output_layer.weight", None)
-        return self.full_to_hf(full)
 
     def unused_hf_keys(self, hf: dict) -> list[str]:
         used = set(self.full_to_hf(self.hf_to_full(hf)))

@@ -10,6 +10,7 @@ import torch
 
 from megavlm.config.model import ConnectorConfig, FlamingoConfig, ModelConfig, VisionConfig
 from megavlm.models.common import hf_blocks
+from megavlm.models.common.adapter import ShardedAdapter
 from megavlm.models.common.sharding import ShardingPlan, fuse_kv, split_kv
 
 VISION, RESAMPLER, XATTN = "model.vision_model.", "model.perceiver_resampler.", "model.gated_cross_attn_layers."
@@ -24,7 +25,7 @@ def _take(hf: dict, key: str) -> torch.Tensor:
         raise KeyError(f"HF checkpoint has no tensor {key!r}") from None
 
 
-class FlamingoStateDictAdapter:
+class FlamingoStateDictAdapter(ShardedAdapter):
     # megavlm tensors without an IDEFICS counterpart: frame embeddings (video / multi-frame media)
     not_in_hf = ("resampler.frame_embeddings",)
 
@@ -131,15 +132,6 @@ class FlamingoStateDictAdapter:
         return hf
 
     # ---- per-process shards -------------------------------------------------------------
-    def hf_to_megavlm(self, hf: dict, tp_rank: int = 0, pp_rank: int = 0) -> dict:
-        return self.plan.shard(self.hf_to_full(hf), tp_rank, pp_rank)
-
-    def megavlm_to_hf(self, shards: dict) -> dict:
-        shards = {k: {n: t for n, t in sd.items() if not n.endswith("_extra_state")} for k, sd in shards.items()}
-        full = self.plan.unshard(shards)
-        if self.model.language.tie_embeddings:
-            full.pop("language_model.output_layer.weight", None)
-        return self.full_to_hf(full)
 
     def components_to_megavlm(self, sources: dict[str, dict], tp_rank: int = 0, pp_rank: int = 0) -> dict:
         """The frozen parts from stand-alone HF models: ``vision`` from a CLIP (vision) checkpoint,

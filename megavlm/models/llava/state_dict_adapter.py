@@ -10,6 +10,7 @@ import torch
 
 from megavlm.config.model import ConnectorConfig, ModelConfig
 from megavlm.models.common import hf_blocks
+from megavlm.models.common.adapter import ShardedAdapter
 from megavlm.models.common.sharding import ShardingPlan
 
 VISION, PROJECTOR, LLM, HEAD = "model.vision_tower.", "model.multi_modal_projector.", "model.language_model.", "lm_head.weight"
@@ -33,7 +34,7 @@ def normalize_hf_names(hf: dict) -> dict:
     return out
 
 
-class LlavaStateDictAdapter:
+class LlavaStateDictAdapter(ShardedAdapter):
     not_in_hf: tuple[str, ...] = ()
 
     def __init__(self, model: ModelConfig, tp_size: int = 1, pp_size: int = 1, first_stage_layers=None,
@@ -77,13 +78,6 @@ class LlavaStateDictAdapter:
                 "language_model.output_layer.weight", embedding, tp_rank).clone()
         return local
 
-    def megavlm_to_hf(self, shards: dict) -> dict:
-        """shards: {(tp_rank, pp_rank): local state dict} -> HF state dict."""
-        shards = {k: {n: t for n, t in sd.items() if not n.endswith("_extra_state")} for k, sd in shards.items()}
-        full = self.plan.unshard(shards)
-        if self.model.language.tie_embeddings:
-            full.pop("language_model.output_layer.weight", None)
-        return self.full_to_hf(full)
 
     def components_to_megavlm(self, sources: dict[str, dict], tp_rank: int = 0, pp_rank: int = 0) -> dict:
         """Local state of the components taken from stand-alone HF models: ``vision`` from a CLIP
