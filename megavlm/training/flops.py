@@ -9,7 +9,8 @@ trainable before it runs forward only (megavlm runs it without autograd).
   llm_token   = 2h(nd + 2gd) + 2ndh + 2h·f·(3 if gated else 2)     per layer, + 2hV for the output layer
   llm_attn    = 2·s·n·d per layer (causal: half of the 4·s·n·d of full attention)
   vit_token   = 2h·3h + 2h·h + 2h·f·2 per layer, attention 4·t·h per layer, patch embedding 2·3p²·h
-  connector   = 2(h_v·h + h·h) per image token (MLP), 2 h_v·h (linear)
+  connector   = 2(h_v·h + h·h) per image token (MLP), 2(4h_v·h + h·h) (pixel shuffle MLP), 2 h_v·h (linear)
+  (Flamingo's resampler and cross-attention and BLIP-2's Q-Former are not counted yet.)
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def sample_flops(cfg: ModelConfig, seq_length: int, images: float, trainable: se
     vit_token = v.layers_to_build * (2 * hv * 3 * hv + 2 * hv * hv + 2 * hv * v.ffn_hidden_size * 2)
     vit_attn = v.layers_to_build * 4 * vision_tokens * hv
     patch = 2 * 3 * v.patch_size**2 * hv
-    conn_token = 2 * (hv * h + h * h) if cfg.connector.type == "mlp2x_gelu" else 2 * hv * h
+    conn_token = {"mlp2x_gelu": 2 * (hv * h + h * h), "pixel_shuffle_mlp": 2 * (4 * hv * h + h * h)}.get(
+        cfg.connector.type, 2 * hv * h)  # per LLM image token; the pixel shuffle packs 4 ViT tokens into one
 
     vis_train, conn_train, llm_train = "vision" in trainable, "connector" in trainable, bool({"llm", "lora", "fusion"} & trainable)
     vision = images * (vision_tokens * (vit_token + patch) + vision_tokens * vit_attn) * _multiplier(vis_train, False)
