@@ -14,4 +14,4 @@ from megavlm.models.llava.model import LlavaModel
 
 
 class InternVLModel(LlavaModel):
-    pass
+    """LLaVA's composition; the InternVL parts come from the config (see above)."""
