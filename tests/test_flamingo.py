@@ -180,13 +180,15 @@ def test_tp2_and_pp2_match_one_process(single_process, tmp_path):
                                        msg=lambda m: f"{layout} {name}: {m}")
     tp2 = torch.load(tmp_path / "tp2.pt")
     assert (tp2["logits"] - ref["logits"]).abs().max().item() < 1e-5
-    # the PP=2 dist checkpoint loads into one process with every tensor in place
+    # the PP=2 and TP=2 dist checkpoints load into one process with every tensor in place (TP=2:
+    # the resampler's parallel linears sit in a ModuleList, which must not save them as replicated)
     from megavlm.training.checkpoint import load_model
 
-    model = build_model(cfg, ParallelConfig(), single_process, process_groups())
-    load_model(model, tmp_path / "ckpt_pp2")
-    exported = FAMILY.adapter_cls(cfg).megavlm_to_hf({(0, 0): model.state_dict()})
-    assert all(torch.equal(exported[k], hf[k]) for k in exported)
+    for ckpt in ("ckpt_pp2", "ckpt_tp2"):
+        model = build_model(cfg, ParallelConfig(), single_process, process_groups())
+        load_model(model, tmp_path / ckpt)
+        exported = FAMILY.adapter_cls(cfg).megavlm_to_hf({(0, 0): model.state_dict()})
+        assert all(torch.equal(exported[k], hf[k]) for k in exported), ckpt
 
 
 @pytest.mark.slow

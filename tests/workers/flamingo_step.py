@@ -82,7 +82,7 @@ def main():
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     hf = load_file(args.init)
-    run("tp2", ParallelConfig(tensor_parallel=2), hf, args.out)
+    run("tp2", ParallelConfig(tensor_parallel=2), hf, args.out, checkpoint=os.path.join(args.out, "ckpt_tp2"))
     run("pp2", ParallelConfig(pipeline_parallel=2), hf, args.out, checkpoint=os.path.join(args.out, "ckpt_pp2"))
     pinit.destroy()
 

@@ -17,6 +17,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megavlm.config.model import QFormerConfig
 from megavlm.models.common.language_model import padded_vocab_size
+from megavlm.models.common.module_list import ShardedModuleList
 from megavlm.models.common.parallel_attention import ParallelAttention
 
 
@@ -76,7 +77,7 @@ class QFormer(MegatronModule):
             self.word_embeddings = VocabParallelEmbedding(vocab, h, init_method=config.init_method,
                                                           config=config, tp_group=tp_group)
             self.position_embeddings = torch.nn.Embedding(q.max_position_embeddings, h)
-        self.layers = torch.nn.ModuleList(
+        self.layers = ShardedModuleList(
             QFormerLayer(q, config, vision_dim, i % q.cross_attention_freq == 0, tp_group) for i in range(q.num_layers))
 
     def embed_text(self, text_ids: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megavlm.config.model import FlamingoConfig
+from megavlm.models.common.module_list import ShardedModuleList
 from megavlm.models.common.parallel_attention import ParallelAttention
 
 
@@ -48,7 +49,7 @@ class PerceiverResampler(MegatronModule):
         # Frames of one media item are told apart by a learned embedding (none for still images).
         self.frame_embeddings = torch.nn.Parameter(
             torch.randn(f.max_frames, width) * config.init_method_std) if f.max_frames > 1 else None
-        self.layers = torch.nn.ModuleList(ResamplerLayer(f, config, width, tp_group) for _ in range(f.resampler_depth))
+        self.layers = ShardedModuleList(ResamplerLayer(f, config, width, tp_group) for _ in range(f.resampler_depth))
         self.final_norm = torch.nn.LayerNorm(width)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
