@@ -22,22 +22,15 @@ from megatron.core.transformer.module import MegatronModule
 
 from megavlm.config.model import ModelConfig, ParallelConfig
 from megavlm.models.common.language_model import build_language_model, padded_vocab_size
-from megavlm.models.common.layer_specs import encoder_layer_spec, norm_spec, prepare_language_model
+from megavlm.models.common.layer_specs import prepare_language_model
 from megavlm.models.common.tags import tag_component
 from megavlm.models.common.transformer_config import (
     language_transformer_config,
     qformer_transformer_config,
-    vision_transformer_config,
 )
-from megavlm.models.common.vision_transformer import VisionTransformer
+from megavlm.models.common.vision_transformer import build_vision_tower
 from megavlm.models.common.vlm import VLMBase, run_frozen_aware
 from megavlm.models.connectors.qformer import QFormer
-
-
-def _vision(model: ModelConfig, parallel: ParallelConfig, pg_collection, dtype) -> VisionTransformer:
-    config = vision_transformer_config(model, parallel, dtype)
-    return tag_component(VisionTransformer(model.vision, config, encoder_layer_spec(model.transformer_impl),
-                                           norm_spec(model.transformer_impl), pg_collection), "vision")
 
 
 class Blip2Model(VLMBase):
@@ -50,7 +43,7 @@ class Blip2Model(VLMBase):
         self.vision = self.qformer = self.language_projection = None
         tp_group = pg_collection.tp if pg_collection is not None else None
         if pre_process:
-            self.vision = _vision(model, parallel, pg_collection, dtype)
+            self.vision = build_vision_tower(model, parallel, pg_collection, dtype)
             q_config = qformer_transformer_config(model, parallel, dtype)
             # generation reads only the query outputs: no text path (as in HF's model)
             qformer = dataclasses.replace(model.qformer, text_input=False)
@@ -82,7 +75,7 @@ class Blip2RepresentationModel(MegatronModule):
         self.pre_process = self.post_process = True
         self.tp_group = pg_collection.tp if pg_collection is not None else None
         self.dp_group = pg_collection.dp if pg_collection is not None else None
-        self.vision = _vision(model, parallel, pg_collection, dtype)
+        self.vision = build_vision_tower(model, parallel, pg_collection, dtype)
         self.qformer = tag_component(QFormer(q, q_config, model.vision.hidden_size, self.tp_group), "connector")
         heads = torch.nn.ModuleDict({
             "vision_projection": torch.nn.Linear(q.hidden_size, q.embed_dim),
@@ -99,8 +92,8 @@ class Blip2RepresentationModel(MegatronModule):
         for param in (self.itg_bias, self.temp):
             param.megavlm_component = "connector"
 
-    def set_input_tensor(self, input_tensor) -> None:  # never pipelined
-        pass
+    def set_input_tensor(self, input_tensor) -> None:
+        """Stage 1 is never pipelined: there is no pipeline input to take."""
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         return run_frozen_aware(self.vision, images)

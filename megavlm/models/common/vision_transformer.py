@@ -64,3 +64,16 @@ class VisionTransformer(MegatronModule):
         if self.class_token is not None and not self.vision.keep_class_token:
             x = x[:, 1:]
         return x
+
+
+def build_vision_tower(model, parallel, pg_collection=None, dtype: torch.dtype = torch.float32,
+                       recompute: bool = False) -> VisionTransformer:
+    """The ViT of any family, tagged ``vision``, with the layer spec its config asks for (CLIP's,
+    or InternViT's QK-norm and LayerScale)."""
+    from megavlm.models.common.layer_specs import norm_spec, vision_layer_spec
+    from megavlm.models.common.tags import tag_component
+    from megavlm.models.common.transformer_config import vision_transformer_config
+
+    config = vision_transformer_config(model, parallel, dtype, recompute)
+    return tag_component(VisionTransformer(model.vision, config, vision_layer_spec(model), norm_spec(model.transformer_impl),
+                                           pg_collection), "vision")

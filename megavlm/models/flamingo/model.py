@@ -22,14 +22,13 @@ import torch.nn.functional as F
 
 from megavlm.config.model import ModelConfig, ParallelConfig
 from megavlm.models.common.language_model import build_language_model
-from megavlm.models.common.layer_specs import decoder_layer_spec, encoder_layer_spec, norm_spec, prepare_language_model
+from megavlm.models.common.layer_specs import decoder_layer_spec, prepare_language_model
 from megavlm.models.common.tags import tag_component
 from megavlm.models.common.transformer_config import (
     language_transformer_config,
     resampler_transformer_config,
-    vision_transformer_config,
 )
-from megavlm.models.common.vision_transformer import VisionTransformer
+from megavlm.models.common.vision_transformer import build_vision_tower
 from megavlm.models.common.vlm import LanguageModelHost, run_frozen_aware
 from megavlm.models.flamingo.fusion import Fusion, fusion_layer_spec, media_mask
 from megavlm.models.flamingo.resampler import PerceiverResampler
@@ -50,9 +49,7 @@ class FlamingoModel(LanguageModelHost):
         width = model.vision.hidden_size
         self.vision = self.resampler = None
         if pre_process:
-            vit_config = vision_transformer_config(model, parallel, dtype, recompute)
-            self.vision = tag_component(VisionTransformer(model.vision, vit_config, encoder_layer_spec(model.transformer_impl),
-                                                          norm_spec(model.transformer_impl), pg_collection), "vision")
+            self.vision = build_vision_tower(model, parallel, pg_collection, dtype, recompute)
             self.resampler = tag_component(PerceiverResampler(model.flamingo, resampler_transformer_config(model, parallel, dtype),
                                                               width, tp_group), "connector")
         spec = fusion_layer_spec(decoder_layer_spec(model.transformer_impl),

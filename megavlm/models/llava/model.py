@@ -10,11 +10,11 @@ import torch
 
 from megavlm.config.model import ModelConfig, ParallelConfig
 from megavlm.models.common.language_model import build_language_model
-from megavlm.models.common.layer_specs import connector_cls, norm_spec, prepare_language_model, vision_layer_spec
+from megavlm.models.common.layer_specs import connector_cls, prepare_language_model
 from megavlm.models.common.tags import tag_component
 from megavlm.models.common.vlm import VLMBase, run_frozen_aware
-from megavlm.models.common.transformer_config import language_transformer_config, vision_transformer_config
-from megavlm.models.common.vision_transformer import VisionTransformer
+from megavlm.models.common.transformer_config import language_transformer_config
+from megavlm.models.common.vision_transformer import build_vision_tower
 
 
 class LlavaModel(VLMBase):
@@ -27,9 +27,7 @@ class LlavaModel(VLMBase):
         self.vision = self.connector = None
         tp_group = pg_collection.tp if pg_collection is not None else None
         if pre_process:
-            vit_config = vision_transformer_config(model, parallel, dtype, recompute)
-            self.vision = tag_component(VisionTransformer(model.vision, vit_config, vision_layer_spec(model),
-                                                          norm_spec(model.transformer_impl), pg_collection), "vision")
+            self.vision = build_vision_tower(model, parallel, pg_collection, dtype, recompute)
             self.connector = tag_component(connector_cls(model)(model.connector, model.vision.hidden_size,
                                                                 model.language.hidden_size, lm_config, tp_group),
                                            "connector")
