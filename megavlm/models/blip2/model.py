@@ -22,11 +22,12 @@ from megatron.core.transformer.module import MegatronModule
 
 from megavlm.config.model import ModelConfig, ParallelConfig
 from megavlm.models.common.language_model import build_language_model, padded_vocab_size
-from megavlm.models.common.layer_specs import prepare_language_model
+from megavlm.models.common.layer_specs import output_layer_cls
 from megavlm.models.common.tags import tag_component
 from megavlm.models.common.transformer_config import (
     language_transformer_config,
     qformer_transformer_config,
+    without_sequence_parallel,
 )
 from megavlm.models.common.vision_transformer import build_vision_tower
 from megavlm.models.common.vlm import VLMBase, run_frozen_aware
@@ -49,11 +50,11 @@ class Blip2Model(VLMBase):
             qformer = dataclasses.replace(model.qformer, text_input=False)
             self.qformer = tag_component(QFormer(qformer, q_config, model.vision.hidden_size, tp_group), "connector")
             self.language_projection = tag_component(ColumnParallelLinear(
-                model.qformer.hidden_size, model.language.hidden_size, config=lm_config,
+                model.qformer.hidden_size, model.language.hidden_size, config=without_sequence_parallel(lm_config),
                 init_method=lm_config.init_method, bias=True, gather_output=True, tp_group=tp_group), "connector")
         language_model = build_language_model(model.language, lm_config, model.transformer_impl, pg_collection,
-                                              pre_process, post_process)
-        self.language_model = tag_component(prepare_language_model(model, language_model), "llm")
+                                              pre_process, post_process, output_layer_cls=output_layer_cls(model))
+        self.language_model = tag_component(language_model, "llm")
 
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """[n, 3, H, W] -> the projected query outputs [n, num_query_tokens, llm_hidden]."""

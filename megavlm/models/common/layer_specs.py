@@ -1,9 +1,10 @@
-"""The one place that chooses layer implementations (Principle 1).
+"""The one place that chooses layer implementations: model code receives specs and never
+branches on the implementation.
 
-``local``: megatron-core's tensor-parallel linears, torch norms and SDPA core attention; runs on CPU
-and GPU. ``te``: megatron-core's Transformer Engine spec (fused LayerNorm+linear, fused attention,
-FP8); chosen only when the config asks for it, and an error if TE is not importable. Model code
-receives specs and never branches on the implementation.
+``local``: megatron-core's tensor-parallel linears (with a one-GEMM frozen-weight backward), the
+project's norms (sequence-parallel capable) and SDPA / varlen core attention; runs on CPU and
+GPU. ``te``: megatron-core's Transformer Engine spec (fused LayerNorm+linear, fused attention,
+FP8); chosen only when the config asks for it, and an error if TE is not importable.
 """
 from __future__ import annotations
 
@@ -11,16 +12,17 @@ import copy
 import functools
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megavlm.models.common.attention import SDPAttention
+from megavlm.models.common.linears import ColumnLinear, RowLinear
+from megavlm.models.common.norms import Norm
 
 # Local norms live outside the linears; store them under TE's fused names so checkpoints move
 # freely between the local and TE implementations.
@@ -52,22 +54,22 @@ def _local_layer(mask_type: AttnMaskType) -> ModuleSpec:
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=WrappedTorchNorm,
+            input_layernorm=Norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": mask_type},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
+                    linear_qkv=ColumnLinear,
                     core_attention=SDPAttention,
-                    linear_proj=RowParallelLinear,
+                    linear_proj=RowLinear,
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=WrappedTorchNorm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                                linear_fc2=RowParallelLinear)),
+            pre_mlp_layernorm=Norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnLinear,
+                                                                linear_fc2=RowLinear)),
             mlp_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map=dict(_TE_COMPATIBLE_NORM_KEYS),
         ),
@@ -132,7 +134,15 @@ def norm_spec(impl: str):
         from megatron.core.extensions.transformer_engine import TENorm
 
         return TENorm
-    return WrappedTorchNorm
+    return Norm
+
+
+def block_spec(layer_spec: ModuleSpec, impl: str, config, pp_rank: int = 0) -> TransformerBlockSubmodules:
+    """A TransformerBlock of ``layer_spec`` layers (as many as pipeline stage ``pp_rank`` builds)
+    whose final norm is ``norm_spec(impl)``: megatron-core would otherwise pick a torch norm that
+    refuses sequence parallelism, whatever the layers use."""
+    layers = get_num_layers_to_build(config, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * layers, layer_norm=norm_spec(impl))
 
 
 def connector_cls(model_cfg):
@@ -147,11 +157,12 @@ def connector_cls(model_cfg):
     return FusedMLPProjector if fused else MLPProjector
 
 
-def prepare_language_model(model_cfg, language_model):
-    """Output-layer choice: logits, or hidden states for the fused linear cross-entropy head."""
-    from megavlm.models.common.language_model import defer_logits
+def output_layer_cls(model_cfg) -> type:
+    """The language model's output layer: logits, or hidden states for the fused linear
+    cross-entropy head."""
+    from megavlm.models.common.language_model import DeferredLogitsLinear
 
-    return defer_logits(language_model) if model_cfg.kernels.fused_linear_cross_entropy else language_model
+    return DeferredLogitsLinear if model_cfg.kernels.fused_linear_cross_entropy else ColumnLinear
 
 
 def lm_head(model_cfg, tp_group, weight_fn=None):

@@ -1,6 +1,8 @@
 """megavlm configs -> megatron-core TransformerConfig, for the language model and the ViT."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -94,11 +96,17 @@ def vision_transformer_config(model: ModelConfig, parallel: ParallelConfig, dtyp
     )
 
 
+def without_sequence_parallel(config: TransformerConfig) -> TransformerConfig:
+    """``config`` for a module that sees whole tensors on every TP rank (connectors, Q-Former,
+    resampler): its parallel linears must not gather or scatter the sequence axis."""
+    return dataclasses.replace(config, sequence_parallel=False) if config.sequence_parallel else config
+
+
 def _side_module_config(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype, layers: int, hidden: int,
                         heads: int, ffn: int, head_dim: int, eps: float, bias: bool) -> TransformerConfig:
     """Shapes, TP size and initialisation for the parallel linears of a module beside the two
     transformers (Q-Former, Perceiver resampler). It lives whole on the first pipeline stage."""
-    return TransformerConfig(
+    return without_sequence_parallel(TransformerConfig(
         num_layers=layers,   # scales the init of output projections
         hidden_size=hidden,
         num_attention_heads=heads,
@@ -109,7 +117,7 @@ def _side_module_config(model: ModelConfig, parallel: ParallelConfig, dtype: tor
         add_bias_linear=bias,
         pipeline_model_parallel_size=1,
         **_common(model, parallel, dtype, recompute=False),
-    )
+    ))
 
 
 def qformer_transformer_config(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype = torch.float32

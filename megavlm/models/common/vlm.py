@@ -6,6 +6,7 @@ from __future__ import annotations
 import abc
 
 import torch
+from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
@@ -53,7 +54,9 @@ class VLMBase(LanguageModelHost, abc.ABC):
         """[n, 3, H, W] -> [n, image_tokens, llm_hidden]."""
 
     def embed(self, input_ids: torch.Tensor, images=None, images_per_sample=None, position_ids=None) -> torch.Tensor:
-        """Token embeddings [s, b, h] with image embeddings at the <image> positions."""
+        """Token embeddings [s, b, h] with image embeddings at the <image> positions. Under
+        sequence parallelism the whole sequence is assembled first (an image's tokens may
+        straddle two ranks' slices) and then scattered once: [s/TP, b, h]."""
         cfg = self.model_config
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
@@ -69,6 +72,8 @@ class VLMBase(LanguageModelHost, abc.ABC):
             # embedding added them before the image embeddings replaced those slots.
             is_image = (input_ids == cfg.image_token_id).t().unsqueeze(-1)
             merged = merged + embedding.position_embeddings(position_ids).transpose(0, 1) * is_image
+        if self.config.sequence_parallel:
+            merged = scatter_to_sequence_parallel_region(merged, group=self.language_model.pg_collection.tp)
         return merged
 
     def forward(self, input_ids: torch.Tensor, images=None, images_per_sample=None, position_ids=None,

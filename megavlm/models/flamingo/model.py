@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from megavlm.config.model import ModelConfig, ParallelConfig
 from megavlm.models.common.language_model import build_language_model
-from megavlm.models.common.layer_specs import decoder_layer_spec, prepare_language_model
+from megavlm.models.common.layer_specs import decoder_layer_spec, output_layer_cls
 from megavlm.models.common.tags import tag_component
 from megavlm.models.common.transformer_config import (
     language_transformer_config,
@@ -55,8 +55,9 @@ class FlamingoModel(LanguageModelHost):
         spec = fusion_layer_spec(decoder_layer_spec(model.transformer_impl),
                                  Fusion(model.flamingo, width, model.language.num_layers))
         language_model = build_language_model(model.language, lm_config, model.transformer_impl, pg_collection,
-                                              pre_process, post_process, layer_spec=spec)
-        self.language_model = tag_component(prepare_language_model(model, language_model), "llm")
+                                              pre_process, post_process, layer_spec=spec,
+                                              output_layer_cls=output_layer_cls(model))
+        self.language_model = tag_component(language_model, "llm")
         for layer in self.language_model.decoder.layers:
             if layer.gated_xattn is not None:
                 tag_component(layer.gated_xattn, "fusion")

@@ -10,10 +10,10 @@ import torch
 
 from megavlm.config.model import ModelConfig, ParallelConfig
 from megavlm.models.common.language_model import build_language_model
-from megavlm.models.common.layer_specs import connector_cls, prepare_language_model
+from megavlm.models.common.layer_specs import connector_cls, output_layer_cls
 from megavlm.models.common.tags import tag_component
 from megavlm.models.common.vlm import VLMBase, run_frozen_aware
-from megavlm.models.common.transformer_config import language_transformer_config
+from megavlm.models.common.transformer_config import language_transformer_config, without_sequence_parallel
 from megavlm.models.common.vision_transformer import build_vision_tower
 
 
@@ -28,12 +28,12 @@ class LlavaModel(VLMBase):
         tp_group = pg_collection.tp if pg_collection is not None else None
         if pre_process:
             self.vision = build_vision_tower(model, parallel, pg_collection, dtype, recompute)
-            self.connector = tag_component(connector_cls(model)(model.connector, model.vision.hidden_size,
-                                                                model.language.hidden_size, lm_config, tp_group),
-                                           "connector")
+            connector = connector_cls(model)(model.connector, model.vision.hidden_size, model.language.hidden_size,
+                                             without_sequence_parallel(lm_config), tp_group)
+            self.connector = tag_component(connector, "connector")
         language_model = build_language_model(model.language, lm_config, model.transformer_impl, pg_collection,
-                                              pre_process, post_process)
-        self.language_model = tag_component(prepare_language_model(model, language_model), "llm")
+                                              pre_process, post_process, output_layer_cls=output_layer_cls(model))
+        self.language_model = tag_component(language_model, "llm")
 
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """[n, 3, H, W] -> [n, tokens, llm_hidden]. A frozen ViT runs without autograd."""
