@@ -82,3 +82,18 @@ def test_flavor_shapes():
     assert debug.language.hidden_size == 64 and debug.language.num_layers == 2
     with pytest.raises(ValueError, match="unknown llava flavor"):
         flavor_config("llava", "nope")
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["train.seq_length=63"], "train.seq_length"),
+    (["model.family=flamingo", "model.flavor=debug"], "parallel.sequence_parallel"),
+])
+def test_sequence_parallel_layout_errors_name_the_key(tmp_path, overrides, key):
+    from megavlm.config.recipe import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {family: llava, flavor: debug}\nparallel: {tensor_parallel: 2, sequence_parallel: true}\n"
+                      "train: {seq_length: 64}\n")
+    load_recipe(recipe)  # the valid layout loads
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_recipe(recipe, overrides)

@@ -257,6 +257,19 @@ class Recipe:
                   "LoRA adapts megatron-core's local parallel linears; use transformer_impl: local")
             check(lora.quantize_base != "nf4" or self.checkpoint.trainable_only, "checkpoint.trainable_only",
                   "QLoRA keeps the base in NF4 only in memory: set checkpoint.trainable_only: true")
+        if self.parallel.sequence_parallel:
+            self._check_sequence_parallel()
+
+    def _check_sequence_parallel(self) -> None:
+        tp = self.parallel.tensor_parallel
+        check(self.train.seq_length % tp == 0, "train.seq_length",
+              f"{self.train.seq_length} is not a multiple of tensor_parallel {tp}: sequence parallelism splits "
+              f"every row evenly over the TP ranks")
+        check(self.model.family != "flamingo", "parallel.sequence_parallel",
+              "flamingo's gated cross-attention needs every text token next to the media latents it attends to "
+              "(and under pipeline parallelism the latents travel as extra rows of the sequence): use false")
+        check(self.stage.lora is None, "parallel.sequence_parallel",
+              "LoRA adapters read the un-gathered input of the layers they adapt: use false with stage.lora")
 
 
 def _merge(base: dict, update: dict) -> dict:
