@@ -2,9 +2,14 @@
 
 megatron-core's local ``DotProductAttention`` materialises the full score matrix in fp32; SDPA
 picks flash / memory-efficient kernels on GPU and a fused CPU kernel here, handles grouped-query
-attention natively, and gives the same numbers. Packed sequences (``PackedSeqParams`` with
-``cu_seqlens``) attend within each sample only: one SDPA call per sample, the block-diagonal
-reference that Transformer Engine's THD kernels are checked against.
+attention natively, and gives the same numbers.
+
+Packed rows (``PackedSeqParams`` with ``cu_seqlens``) attend within each sample only, in ONE
+attention call (``varlen_attention``): torch's flash varlen kernel on GPUs (fp16/bf16), and on
+CPUs — where neither that kernel nor FlexAttention's backward exists — one SDPA call over the
+samples gathered into a padded [samples, heads, longest, dim] batch with a key-length mask, so the
+cost is per sample (sum of l^2), not per row (t^2). ``reference_varlen_attention`` (one SDPA
+call per sample) is what both are tested against.
 """
 from __future__ import annotations
 
@@ -60,19 +65,82 @@ class SDPAttention(MegatronModule):
         squeeze = query.dim() == 4
         if squeeze:
             query, key, value = (t.squeeze(1) for t in (query, key, value))
-        bounds_q = params.cu_seqlens_q.tolist()
-        bounds_k = params.cu_seqlens_kv.tolist()
-        outputs = []
-        for (q0, q1), (k0, k1) in zip(zip(bounds_q[:-1], bounds_q[1:]), zip(bounds_k[:-1], bounds_k[1:])):
-            q = query[q0:q1].transpose(0, 1).unsqueeze(0)
-            k = key[k0:k1].transpose(0, 1).unsqueeze(0)
-            v = value[k0:k1].transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=causal, scale=self.softmax_scale,
-                                               enable_gqa=q.shape[1] != k.shape[1])
-            outputs.append(o.squeeze(0).transpose(0, 1))
-        total = query.shape[0]
-        out = torch.cat(outputs, 0) if outputs else query.new_zeros(0, *query.shape[1:])
-        if out.shape[0] < total:  # padding tokens after the last segment
-            out = torch.cat([out, out.new_zeros(total - out.shape[0], *out.shape[1:])], 0)
-        out = out.reshape(total, -1)
+        out = varlen_attention(query, key, value, params.cu_seqlens_q, params.cu_seqlens_kv, causal, self.softmax_scale,
+                               dropout, getattr(params, "max_seqlen_q", None), getattr(params, "max_seqlen_kv", None))
+        out = out.reshape(out.shape[0], -1)
         return out.unsqueeze(1) if squeeze else out
+
+
+def _flash_varlen():
+    """torch's flash varlen attention, where this torch has it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def varlen_attention(q, k, v, cu_q, cu_k, causal: bool, scale: float, dropout: float = 0.0, max_q=None, max_k=None):
+    """q [t, hq, d], k/v [t, hk, d] (hq a multiple of hk); segment i is rows cu[i]:cu[i+1].
+    Each segment attends to itself only (causally: key j <= query i, counted from the segment's
+    start). Rows after the last segment get zeros. One kernel call."""
+    flash = _flash_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not dropout else None
+    if flash is not None:
+        lengths_q, lengths_k = cu_q.diff(), cu_k.diff()
+        out = flash(q, k, v, cu_q.int(), cu_k.int(), int(max_q or lengths_q.max()), int(max_k or lengths_k.max()),
+                    scale=scale, window_size=(-1, 0) if causal else (-1, -1), enable_gqa=q.shape[1] != k.shape[1])
+        return _zero_tail(out, int(cu_q[-1]))
+    return _padded_batch_attention(q, k, v, cu_q, cu_k, causal, scale, dropout)
+
+
+def _zero_tail(out: torch.Tensor, covered: int) -> torch.Tensor:
+    if covered < out.shape[0]:
+        out = torch.cat([out[:covered], out.new_zeros(out.shape[0] - covered, *out.shape[1:])])
+    return out
+
+
+def _segments(cu: torch.Tensor):
+    """Start rows [n, longest] (clamped inside the row for padding), and which are real."""
+    starts, lengths = cu[:-1].long(), cu.diff().long()
+    offsets = torch.arange(int(lengths.max()), device=cu.device)
+    real = offsets < lengths.unsqueeze(1)
+    rows = torch.where(real, starts.unsqueeze(1) + offsets, starts.unsqueeze(1))
+    return rows, real
+
+
+def _padded_batch_attention(q, k, v, cu_q, cu_k, causal: bool, scale: float, dropout: float):
+    keep = (cu_q.diff() > 0) & (cu_k.diff() > 0)   # empty segments would give all-masked rows (NaN)
+    if not bool(keep.all()):
+        cu_q = torch.cat([cu_q[:1], cu_q[1:][keep]])
+        cu_k = torch.cat([cu_k[:1], cu_k[1:][keep]])
+    out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+    if cu_q.numel() < 2:
+        return out
+    rows_q, real_q = _segments(cu_q)
+    rows_k, real_k = _segments(cu_k)
+    qb, kb, vb = (t[rows].permute(0, 2, 1, 3) for t, rows in ((q, rows_q), (k, rows_k), (v, rows_k)))
+    if causal and torch.equal(cu_q, cu_k):
+        # Padding sits after each sample's tokens, so causality alone hides it from every real
+        # query (the padded queries' outputs are dropped): no mask, SDPA's fastest kernels.
+        mask = None
+    else:
+        mask = real_k[:, None, None, :]                               # [n, 1, 1, Lk]: True = attend
+        if causal:
+            mask = mask & torch.ones(rows_q.shape[1], rows_k.shape[1], dtype=torch.bool, device=q.device).tril()
+    attended = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout, scale=scale,
+                                              is_causal=causal and mask is None, enable_gqa=qb.shape[1] != kb.shape[1])
+    return out.index_put((rows_q[real_q],), attended.permute(0, 2, 1, 3)[real_q])
+
+
+def reference_varlen_attention(q, k, v, cu_q, cu_k, causal: bool, scale: float):
+    """One SDPA call per segment: the plain reference for ``varlen_attention``."""
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    parts = []
+    for q0, q1, k0, k1 in zip(bounds_q[:-1], bounds_q[1:], bounds_k[:-1], bounds_k[1:]):
+        if q1 == q0:
+            continue
+        qs, ks, vs = (t[a:b].transpose(0, 1).unsqueeze(0) for t, a, b in ((q, q0, q1), (k, k0, k1), (v, k0, k1)))
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale, enable_gqa=qs.shape[1] != ks.shape[1])
+        parts.append(o.squeeze(0).transpose(0, 1))
+    parts.append(q.new_zeros(q.shape[0] - bounds_q[-1], q.shape[1], v.shape[-1]))
+    return torch.cat(parts)
