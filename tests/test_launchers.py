@@ -44,12 +44,15 @@ def test_throughput_benchmark_runs_ours_and_hf_side_by_side():
 
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark_throughput.py"), "--flavor", "debug",
                            "--batch", "2", "--seq", "128", "--steps", "1", "--warmup", "1", "--stages", "1", "2",
-                           "--peers", "ours", "hf", "--json"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+                           "--peers", "ours", "hf", "--fill", "0.75", "--json"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(proc.stdout[proc.stdout.index("["):])
     assert {(r["peer"], r["stage"]) for r in rows} == {("ours", 1), ("hf", 1), ("ours", 2), ("hf", 2)}
     for r in rows:
         assert "error" not in r, r
         assert r["tokens_per_s"] > 0 and r["tflops"] > 0
+        # a quarter of every row is padding: tokens/s counts the real tokens only
+        assert r["padding_fraction"] == 0.25
+        assert r["tokens_per_s"] == r["real_tokens_per_s"] == 0.75 * r["row_tokens_per_s"]
     stage1, stage2 = (next(r for r in rows if r["peer"] == "ours" and r["stage"] == s) for s in (1, 2))
     assert stage2["tflops"] * stage2["step_s"] > stage1["tflops"] * stage1["step_s"]  # LLM weight grads cost FLOPs

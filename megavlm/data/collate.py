@@ -37,7 +37,13 @@ def pad_micro_batch(examples: list, rows: int, seq_length: int, pad_id: int, ima
     per_sample = [vit_inputs(ex) for ex in examples] + [0] * (rows - len(examples))
     return {"input_ids": input_ids, "labels": labels, "images": _images(examples, image_size),
             "images_per_sample": torch.tensor(per_sample, dtype=torch.long),
-            "sample_ids": [ex.sample_id for ex in examples]}
+            "sample_ids": [ex.sample_id for ex in examples], **sample_sizes(examples)}
+
+
+def sample_sizes(examples: list) -> dict:
+    """Real tokens and ViT inputs of each sample in a micro-batch (throughput and FLOPs count
+    these, never the padding)."""
+    return {"sample_lengths": [len(ex) for ex in examples], "sample_images": [vit_inputs(ex) for ex in examples]}
 
 
 def padded_batches(examples: list, micro_batch_size: int, num_micro_batches: int, seq_length: int, pad_id: int,
@@ -66,7 +72,7 @@ def pack_row(examples: list, seq_length: int, pad_id: int, image_size: int) -> d
     return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
             "position_ids": torch.tensor([positions]), "images": _images(examples, image_size),
             "images_per_sample": torch.tensor([sum(vit_inputs(ex) for ex in examples)], dtype=torch.long),
-            "packed_seq_params": params, "sample_ids": [ex.sample_id for ex in examples]}
+            "packed_seq_params": params, "sample_ids": [ex.sample_id for ex in examples], **sample_sizes(examples)}
 
 
 def packed_batches(examples: list, seq_length: int, pad_id: int, image_size: int) -> list[dict]:
@@ -101,7 +107,7 @@ def text_micro_batch(examples: list, rows: int, text_length: int, pad_id: int, i
         text_mask[row, : len(ex)] = 1
     return {"images": _images(examples, image_size), "text_ids": text_ids, "text_mask": text_mask,
             "images_per_sample": torch.ones(len(examples), dtype=torch.long),
-            "sample_ids": [ex.sample_id for ex in examples]}
+            "sample_ids": [ex.sample_id for ex in examples], **sample_sizes(examples)}
 
 
 def text_batches(examples: list, micro_batch_size: int, num_micro_batches: int, text_length: int, pad_id: int,

@@ -8,9 +8,10 @@ from megavlm.losses.lm_loss import IGNORE_INDEX
 
 
 def synthetic_sample(cfg: ModelConfig, seq_length: int, num_images: int, generator: torch.Generator,
-                     prompt_tokens: int = 4) -> dict:
+                     prompt_tokens: int = 4, length: int | None = None) -> dict:
     """One sample: [prompt, <image> x tokens per image (per image), answer ...], labels on the
-    answer only (already shifted: labels[t] is the target after token t)."""
+    answer only (already shifted: labels[t] is the target after token t). With ``length`` the
+    sample ends there and the row is padded (token 0, no labels) up to ``seq_length``."""
     image_tokens = cfg.image_tokens
     vocab = cfg.language.vocab_size
     text = seq_length - num_images * image_tokens
@@ -24,9 +25,15 @@ def synthetic_sample(cfg: ModelConfig, seq_length: int, num_images: int, generat
     answer_start = start + num_images * image_tokens
     labels = torch.full((seq_length,), IGNORE_INDEX, dtype=torch.long)
     labels[answer_start - 1: -1] = ids[answer_start:]
+    length = seq_length if length is None else length
+    if not answer_start + 1 <= length <= seq_length:
+        raise ValueError(f"sample length {length} must hold the prompt and image tokens ({answer_start}) and fit "
+                         f"seq_length {seq_length}")
+    ids[length:] = 0
+    labels[length - 1:] = IGNORE_INDEX
     size = cfg.vision.image_size
     images = torch.randn(num_images, 3, size, size, generator=generator)
-    return {"input_ids": ids, "labels": labels, "images": images, "num_images": num_images}
+    return {"input_ids": ids, "labels": labels, "images": images, "num_images": num_images, "length": length}
 
 
 def collate(samples: list[dict]) -> dict:
@@ -35,18 +42,23 @@ def collate(samples: list[dict]) -> dict:
         "labels": torch.stack([s["labels"] for s in samples]),
         "images": torch.cat([s["images"] for s in samples]),
         "images_per_sample": torch.tensor([s["num_images"] for s in samples], dtype=torch.long),
+        "sample_lengths": [s["length"] for s in samples],
+        "sample_images": [s["num_images"] for s in samples],
     }
 
 
 def synthetic_batches(cfg: ModelConfig, num_samples: int, seq_length: int, micro_batch_size: int = 1, seed: int = 0,
-                      image_pattern: tuple[int, ...] = (1, 2, 0, 1), device=None) -> list[dict]:
+                      image_pattern: tuple[int, ...] = (1, 2, 0, 1), device=None, fill: float = 1.0) -> list[dict]:
     """Micro-batches of ``micro_batch_size`` covering ``num_samples`` samples; sample i carries
-    ``image_pattern[i % len]`` images (so multi-image and text-only samples appear)."""
+    ``image_pattern[i % len]`` images (so multi-image and text-only samples appear). ``fill`` < 1
+    makes every sample that share of the row long, the rest padding."""
     if num_samples % micro_batch_size:
         raise ValueError(f"{num_samples} samples do not split into micro-batches of {micro_batch_size}")
     gen = torch.Generator().manual_seed(seed)
-    samples = [synthetic_sample(cfg, seq_length, image_pattern[i % len(image_pattern)], gen) for i in range(num_samples)]
+    length = None if fill >= 1.0 else max(1, round(fill * seq_length))
+    samples = [synthetic_sample(cfg, seq_length, image_pattern[i % len(image_pattern)], gen, length=length)
+               for i in range(num_samples)]
     batches = [collate(samples[i: i + micro_batch_size]) for i in range(0, num_samples, micro_batch_size)]
     if device is not None:
-        batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+        batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
     return batches

@@ -22,7 +22,7 @@ class Harness:
 
 
 def build_harness(cfg, stage, batch: int, seq: int, dtype: torch.dtype, lr: float = 1e-4,
-                  images_per_sample: int = 1) -> Harness:
+                  images_per_sample: int = 1, fill: float = 1.0) -> Harness:
     from megatron.core.optimizer import get_megatron_optimizer
 
     from megavlm.config.model import ParallelConfig
@@ -44,7 +44,7 @@ def build_harness(cfg, stage, batch: int, seq: int, dtype: torch.dtype, lr: floa
     optimizer = get_megatron_optimizer(mcfg, [ddp], config_overrides=optimizer_groups(
         stage, opt_cfg, mcfg, cfg.vision.layers_to_build))
     batches = synthetic_batches(cfg, batch, seq, micro_batch_size=batch, seed=0, image_pattern=(images_per_sample,),
-                                device=ctx.device)
+                                device=ctx.device, fill=fill)
     loss_fn = lm_loss_fn(lm_head(cfg, pinit.process_groups().tp, model.output_weight))
     return Harness(cfg, model, ddp, optimizer, loss_fn, batches, seq, batch)
 

@@ -77,3 +77,9 @@ def peak_flops(device: torch.device, override_tflops: float | None = None) -> fl
         if fragment in name:
             return tflops * 1e12
     return None
+
+
+def batch_flops(cfg: ModelConfig, lengths: list[int], images: list[int], trainable: set[str]) -> float:
+    """Training FLOPs of samples of the given real lengths and image counts: attention is counted
+    per sample (what packed rows compute), and padding not at all."""
+    return sum(sample_flops(cfg, length, n, trainable).total for length, n in zip(lengths, images))

@@ -27,7 +27,8 @@ from megavlm.models.registry import get_family
 from megavlm.parallel import init as pinit
 from megavlm.training.build import build_model, load_local_state, wrap_ddp
 from megavlm.training.checkpoint import CheckpointManager, load_model
-from megavlm.training.flops import peak_flops, sample_flops
+from megavlm.training.accounting import StepCounts, count_step
+from megavlm.training.flops import peak_flops
 from megavlm.training.logging import MetricsLogger
 from megavlm.training.stages import apply_stage, megatron_optimizer_config, optimizer_groups, set_train_mode
 from megavlm.training.step import configure_schedule, train_step
@@ -167,22 +168,21 @@ class Trainer:
         self._account_skips(skipped)
         return [to_device(b, self.ctx.device) for b in batches]
 
-    def _step_scalars(self, result, seconds: float, images: int) -> dict[str, float]:
+    def _step_scalars(self, result, seconds: float, counts: StepCounts) -> dict[str, float]:
         r = self.recipe
-        tokens = r.train.global_batch_size * r.train.seq_length
         scalars = {f"train/{name}": value for name, value in result.losses.items() if name not in ("lm_loss", "loss")}
         scalars.update({"train/loss": main_loss(result.losses), "train/grad_norm": result.grad_norm or 0.0,
-                   "train/tokens_per_s": tokens / seconds, "train/samples_per_s": r.train.global_batch_size / seconds,
-                   "train/skipped_samples": float(sum(self.skips.counts.values()))})
+                        "train/tokens_per_s": counts.real_tokens / seconds,
+                        "train/padding_fraction": counts.padding_fraction,
+                        "train/samples_per_s": r.train.global_batch_size / seconds,
+                        "train/skipped_samples": float(sum(self.skips.counts.values()))})
         opt = r.optimizer
         for component in r.stage.trainable:  # the scheduler's LR for each component's group
             max_lr = r.stage.lr.get(component, opt.lr)
             scalars[f"lr/{component}"] = self.scheduler.get_lr({"max_lr": max_lr, "min_lr": max_lr * opt.min_lr_ratio})
         peak = peak_flops(self.ctx.device)
         if peak:
-            per_sample = sample_flops(r.model, r.train.seq_length, images / r.train.global_batch_size,
-                                      set(r.stage.trainable)).total
-            achieved = per_sample * r.train.global_batch_size / seconds / self.ctx.world_size
+            achieved = counts.flops / seconds / self.ctx.world_size
             scalars["train/tflops_per_gpu"] = achieved / 1e12
             scalars["train/mfu"] = achieved / peak
         return scalars
@@ -202,18 +202,20 @@ class Trainer:
             while self.step < self.total_steps:
                 start = time.perf_counter()
                 batches = self._batches()
-                images = int(sum(b["images_per_sample"].sum() for b in batches)) * self.ctx.dp_size
+                counts = count_step(batches, r.model, set(r.stage.trainable),
+                                    parallel_state.get_data_parallel_group(), self.ctx.device)
                 rows = 1 if r.data.packing else r.train.micro_batch_size  # a packed micro-batch is one THD row
                 result = train_step([self.ddp], self.optimizer, batches, loss_fn, r.train.seq_length, rows)
                 if not result.skipped:
                     self.scheduler.step(1)
                 self.step += 1
-                scalars = self._step_scalars(result, time.perf_counter() - start, images)
+                scalars = self._step_scalars(result, time.perf_counter() - start, counts)
                 logger.log(self.step, scalars)
                 logger.advance(self.step, f"loss {scalars['train/loss']:.4f}")
                 if self.step % r.train.log_interval == 0 or self.step == self.total_steps:
                     logger.print(f"step {self.step}/{self.total_steps} loss {scalars['train/loss']:.4f} "
-                                 f"grad_norm {scalars['train/grad_norm']:.3f} {scalars['train/tokens_per_s']:.0f} tok/s")
+                                 f"grad_norm {scalars['train/grad_norm']:.3f} {scalars['train/tokens_per_s']:.0f} tok/s "
+                                 f"(padding {100 * scalars['train/padding_fraction']:.0f}%)")
                 epoch_ended = self.loader.consumed_state.step_in_epoch == self.sampler.steps_per_epoch
                 if r.train.eval_interval and self.step % r.train.eval_interval == 0 and self.val_set is not None:
                     self.metrics = self._validate()

@@ -2,7 +2,8 @@
 # Issue-7 comparison on the lent H100/H200, short enough to run twice in a few minutes:
 #   ours vs HF eager vs HF + torch.compile (bf16), + ours in FP8 when Transformer Engine is
 #   installed (carry its parts as the brief describes, then TE_TARGET=/tmp/te), stage 1 and 2,
-#   llava-1b at batch 8 x 2048. Prepare on the CPU machine: bash tools/gpu/fetch_wheels.sh
+#   llava-1b at batch 8 x 2048; tokens/s and MFU count real tokens (add --fill 0.8 for padded
+#   rows: the table shows the padding share). Prepare on the CPU machine: bash tools/gpu/fetch_wheels.sh
 #   run: bash tools/gpu/bench_throughput.sh [extra benchmark_throughput.py arguments]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
