@@ -194,6 +194,23 @@ def test_dali_matches_pil_within_the_stated_tolerance(small_embedded):
     assert torch.equal(torch.stack(PILBackend(56).decode([(d, ImageAug(), "s", "f") for d in datas])), reference)
 
 
+def test_dali_decodes_on_the_ranks_device_and_counts_its_pil_fallbacks(small_embedded, caplog):
+    from megavlm.data.images import make_backend
+
+    assert DALIBackend(56, device="gpu", device_id=3).device_id == 3   # each rank its own GPU
+    assert DALIBackend(56, device="cpu", device_id=3).device_id is None
+    files = sorted((small_embedded / "images" / "test").glob("*.jpg"))[:3]
+    items = [(f.read_bytes(), ImageAug(), "s", "f") for f in files]
+    items[1] = (items[1][0], ImageAug(tiles=(2, 1), thumbnail=True), "tiled", "f")
+    backend = make_backend("dali", 56, device_id=0)
+    with caplog.at_level("WARNING"):
+        out = backend.decode(items)
+    assert [tuple(t.shape) for t in out] == [(3, 56, 56), (3, 3, 56, 56), (3, 56, 56)]
+    assert torch.equal(out[1], pil_preprocess(items[1][0], 56, items[1][1]))
+    assert backend.fallbacks == {"tiled": 1, "undecodable": 0}
+    assert "pil_fallback_tiled" in caplog.text
+
+
 def test_flip_swaps_left_and_right_and_is_deterministic(small_embedded):
     from megavlm.config.recipe import AugmentConfig
 

@@ -39,14 +39,16 @@ def encoder_for(model_cfg, tokenizer, template: str) -> ConversationEncoder:
                                model_cfg.image_token_id)
 
 
-def build_step_loader(recipe, tokenizer, builder, collate: str, dp_rank: int, dp_size: int):
-    """(dataset, sampler, loader) for training; ``builder`` turns records into examples."""
+def build_step_loader(recipe, tokenizer, builder, collate: str, dp_rank: int, dp_size: int,
+                      device_id: int | None = None):
+    """(dataset, sampler, loader) for training; ``builder`` turns records into examples, images
+    decode on GPU ``device_id`` (this rank's) when the backend runs there."""
     data, train = recipe.data, recipe.train
     dataset = training_dataset(data)
     order = curriculum_order(dataset) if data.curriculum_key else None
     sampler = GlobalBatchSampler(len(dataset), train.global_batch_size, train.micro_batch_size, dp_rank, dp_size,
                                  seed=train.seed, shuffle=data.shuffle, order=order)
-    backend = make_backend(data.image_backend, recipe.model.vision.image_size, max(1, data.num_workers))
+    backend = make_backend(data.image_backend, recipe.model.vision.image_size, max(1, data.num_workers), device_id)
     cfg = LoaderConfig(train.seq_length, train.micro_batch_size, tokenizer.pad_id, recipe.model.vision.image_size,
                        packing=data.packing, workers=data.num_workers if backend.name == "pil" else 0,
                        prefetch=data.prefetch, collate=collate)

@@ -131,19 +131,32 @@ class PILBackend:
 class DALIBackend:
     """One DALI pipeline fed encoded bytes and per-image parameters through external_source.
 
-    ``device="gpu"`` decodes with nvJPEG (DALI's "mixed" decoder) and returns CUDA tensors.
+    ``device="gpu"`` decodes with nvJPEG (DALI's "mixed" decoder) on GPU ``device_id`` — the
+    local rank's own device, so ranks never share one GPU's decoder — and returns CUDA tensors.
     A batch DALI cannot decode falls back to PIL image by image, so a corrupt file is skipped
-    and counted like on the PIL path.
+    and counted like on the PIL path. Tiled images (dynamic resolution) are cut into tiles on the
+    PIL path too; ``fallbacks`` counts both kinds, and the first of each is logged.
     """
 
     name = "dali"
 
-    def __init__(self, size: int, device: str = "cpu", num_threads: int = 2, max_batch: int = 64):
+    def __init__(self, size: int, device: str = "cpu", num_threads: int = 2, max_batch: int = 64,
+                 device_id: int | None = None):
         import nvidia.dali  # noqa: F401  (fail here, with the import error, when DALI is absent)
 
         self.size, self.device, self.num_threads, self.max_batch = size, device, num_threads, max_batch
+        self.device_id = (device_id if device_id is not None else 0) if device == "gpu" else None
         self.pipe = None
         self.fallback = PILBackend(size)
+        self.fallbacks = {"tiled": 0, "undecodable": 0}
+
+    def _fall_back(self, kind: str, items: list) -> list:
+        if not self.fallbacks[kind]:
+            why = ("tiled images are cut into tiles with PIL" if kind == "tiled"
+                   else "DALI could not decode a batch")
+            log.warning("image decoding: %s; counting such images as data/pil_fallback_%s", why, kind)
+        self.fallbacks[kind] += len(items)
+        return self.fallback.decode(items)
 
     def _build(self):
         from nvidia.dali import fn, pipeline_def, types
@@ -151,7 +164,7 @@ class DALIBackend:
         size = self.size
 
         @pipeline_def(batch_size=self.max_batch, num_threads=self.num_threads,
-                      device_id=0 if self.device == "gpu" else None, prefetch_queue_depth=1)
+                      device_id=self.device_id, prefetch_queue_depth=1)
         def clip_pipeline():
             encoded = fn.external_source(name="encoded", dtype=types.UINT8)
             box_start = fn.external_source(name="box_start", dtype=types.FLOAT)
@@ -197,8 +210,8 @@ class DALIBackend:
         results: list = [None] * len(items)
         good = []
         for i, (data, aug, sample_id, source) in enumerate(items):
-            if aug.tiles is not None:  # tiling runs on the PIL path; a DALI tiling pipeline is future work
-                results[i] = self.fallback.decode([items[i]])[0]
+            if aug.tiles is not None:
+                results[i] = self._fall_back("tiled", [items[i]])[0]
                 continue
             try:
                 good.append((i, image_size(data, sample_id, source)))
@@ -208,21 +221,21 @@ class DALIBackend:
             outs = self._run([items[i][0] for i, _ in good], [items[i][1] for i, _ in good], [wh for _, wh in good])
         except RuntimeError as err:  # a file DALI cannot decode: find it on the PIL path
             log.warning("DALI could not decode a batch (%s); decoding it with PIL", str(err).splitlines()[0])
-            for i, _ in good:
-                results[i] = self.fallback.decode([items[i]])[0]
+            for (i, _), decoded in zip(good, self._fall_back("undecodable", [items[i] for i, _ in good])):
+                results[i] = decoded
             return results
         for (i, _), tensor in zip(good, outs):
             results[i] = tensor
         return results
 
 
-def make_backend(name: str, size: int, num_threads: int = 2):
+def make_backend(name: str, size: int, num_threads: int = 2, device_id: int | None = None):
     """'pil', 'dali' (CPU pipeline, or nvJPEG when CUDA is present), or 'auto': DALI's nvJPEG on
-    GPUs when DALI is installed, PIL otherwise."""
+    GPUs when DALI is installed, PIL otherwise. ``device_id``: this rank's GPU."""
     device = "gpu" if torch.cuda.is_available() else "cpu"
     if name == "dali" or (name == "auto" and device == "gpu"):
         try:
-            return DALIBackend(size, device, num_threads)
+            return DALIBackend(size, device, num_threads, device_id=device_id)
         except ImportError:
             if name == "dali":
                 raise ImportError("data.image_backend: dali needs nvidia-dali (pip install nvidia-dali-cuda130)") from None

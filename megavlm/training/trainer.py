@@ -54,7 +54,7 @@ class Trainer:
         self.task = make_task(recipe, self.tokenizer, self.model, self.pgs, self.ctx)
         self.train_set, self.sampler, self.loader = build_step_loader(recipe, self.tokenizer, self.task.builder(),
                                                                       self.task.collate, self.ctx.dp_rank,
-                                                                      self.ctx.dp_size)
+                                                                      self.ctx.dp_size, self.ctx.device.index)
         self.val_set = (open_eval_source(recipe.data.validation, recipe.data.format, recipe.data.root, "data.validation")
                         if recipe.data.validation else None)
         self.total_steps = recipe.train.max_steps or max(1, int(recipe.train.epochs * self.sampler.steps_per_epoch))
@@ -176,6 +176,8 @@ class Trainer:
                         "train/padding_fraction": counts.padding_fraction,
                         "train/samples_per_s": r.train.global_batch_size / seconds,
                         "train/skipped_samples": float(sum(self.skips.counts.values()))})
+        for kind, count in getattr(self.loader.backend, "fallbacks", {}).items():
+            scalars[f"data/pil_fallback_{kind}"] = float(count)
         opt = r.optimizer
         for component in r.stage.trainable:  # the scheduler's LR for each component's group
             max_lr = r.stage.lr.get(component, opt.lr)
