@@ -186,6 +186,10 @@ class TrainConfig:
     log_interval: int = 10
     eval_interval: Optional[int] = None  # steps between validation passes; None: only at the end
     eval_samples: int = 200              # validation samples per pass
+    # megatron-core DDP: overlap the gradient reduce with the backward, and (distributed
+    # optimizer only) the updated-parameter all-gather with the next forward; None: on for GPUs.
+    overlap_grad_reduce: Optional[bool] = None
+    overlap_param_gather: Optional[bool] = None
 
     def __post_init__(self):
         check(self.global_batch_size % self.micro_batch_size == 0, "train.global_batch_size",
@@ -259,6 +263,8 @@ class Recipe:
                   "QLoRA keeps the base in NF4 only in memory: set checkpoint.trainable_only: true")
         if self.parallel.sequence_parallel:
             self._check_sequence_parallel()
+        check(not self.train.overlap_param_gather or self.optimizer.distributed, "train.overlap_param_gather",
+              "overlaps the distributed optimizer's parameter all-gather: set optimizer.distributed: true")
 
     def _check_sequence_parallel(self) -> None:
         tp = self.parallel.tensor_parallel

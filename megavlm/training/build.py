@@ -1,6 +1,8 @@
 """Build this process's model chunk(s), placed on its device and wrapped in megatron-core's DDP."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -16,6 +18,30 @@ def build_model(model_cfg: ModelConfig, parallel: ParallelConfig, ctx: ParallelC
     model = model_cls(model_cfg, parallel, pg_collection, pre_process=ctx.is_first_stage,
                       post_process=ctx.is_last_stage, dtype=dtype, recompute=recompute)
     return model.to(device=ctx.device, dtype=dtype)
+
+
+def ddp_config(train, optimizer, device: torch.device) -> DistributedDataParallelConfig:
+    """megatron-core DDP settings from the recipe: fp32 gradient buffers, the distributed
+    optimizer's reduce-scatter, and communication overlapped with compute (default on GPUs)."""
+    on_gpu = device.type == "cuda"
+    overlap_grads = on_gpu if train.overlap_grad_reduce is None else train.overlap_grad_reduce
+    overlap_params = (on_gpu and optimizer.distributed) if train.overlap_param_gather is None else train.overlap_param_gather
+    return DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=optimizer.distributed,
+                                         overlap_grad_reduce=overlap_grads, overlap_param_gather=overlap_params)
+
+
+@contextlib.contextmanager
+def params_in_sync(ddp: DistributedDataParallel):
+    """With ``overlap_param_gather`` the all-gather of updated parameters completes during the
+    next forward; a checkpoint or an evaluation needs them complete now."""
+    if not getattr(ddp, "use_forward_hook", False):
+        yield
+        return
+    ddp.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        ddp.enable_forward_pre_hook()
 
 
 def wrap_ddp(model: torch.nn.Module, ddp_config: DistributedDataParallelConfig | None = None,

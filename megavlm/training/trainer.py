@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -25,7 +24,7 @@ from megavlm.eval.vlm_eval import EvalContext
 from megavlm.models.common.hf_io import read_hf_dir
 from megavlm.models.registry import get_family
 from megavlm.parallel import init as pinit
-from megavlm.training.build import build_model, load_local_state, wrap_ddp
+from megavlm.training.build import build_model, ddp_config, load_local_state, params_in_sync, wrap_ddp
 from megavlm.training.checkpoint import CheckpointManager, load_model
 from megavlm.training.accounting import StepCounts, count_step
 from megavlm.training.flops import peak_flops
@@ -48,8 +47,7 @@ class Trainer:
         self.dtype = DTYPES[recipe.train.dtype]
         self.tokenizer = self._tokenizer()
         self.model = self._build_model()
-        self.ddp = wrap_ddp(self.model, DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=recipe.optimizer.distributed))
+        self.ddp = wrap_ddp(self.model, ddp_config(recipe.train, recipe.optimizer, self.ctx.device))
         configure_schedule([self.ddp])
         self.task = make_task(recipe, self.tokenizer, self.model, self.pgs, self.ctx)
         self.train_set, self.sampler, self.loader = build_step_loader(recipe, self.tokenizer, self.task.builder(),
@@ -143,7 +141,8 @@ class Trainer:
         state = {"sampler": self.loader.consumed_state.to_dict(), "scheduler": self.scheduler.state_dict(),
                  "skips": self.skips.state_dict(), "metrics": self.metrics, "stage": self.recipe.stage.name,
                  "finished": finished}
-        return self.ckpt.save(self.step, self.model, self.optimizer, state)
+        with params_in_sync(self.ddp):
+            return self.ckpt.save(self.step, self.model, self.optimizer, state)
 
     def _should_save(self, epoch_ended: bool) -> bool:
         c = self.recipe.checkpoint
@@ -239,14 +238,16 @@ class Trainer:
                            r.train.micro_batch_size, self.ctx.device, r.data.end_of_chunk, tile_planner(r.model, r.data))
 
     def _validate(self) -> dict[str, float]:
-        metrics = self.task.validate(self._eval_context(), self.val_set)
+        with params_in_sync(self.ddp):
+            metrics = self.task.validate(self._eval_context(), self.val_set)
         set_train_mode(self.model)
         return metrics
 
     def _finish(self, logger: MetricsLogger) -> dict[str, float]:
         r = self.recipe
         metrics = self._validate() if self.val_set is not None else {}
-        metrics.update(self.task.evaluate(self._eval_context()))
+        with params_in_sync(self.ddp):
+            metrics.update(self.task.evaluate(self._eval_context()))
         set_train_mode(self.model)
         self.metrics = metrics
         logger.log(self.step, {f"eval/{k}" if "/" not in k else k: v for k, v in metrics.items()})

@@ -21,6 +21,17 @@ def run_frozen_aware(module: torch.nn.Module, *args):
         return module(*args)
 
 
+def zero_gradient_anchor(*modules) -> torch.Tensor | float:
+    """0 x (one element of every trainable parameter of ``modules``): adds nothing, but gives each
+    of them a (zero) gradient. megatron-core's overlapped gradient reduce starts a bucket's
+    reduce once every parameter in it has reported a gradient in the last micro-batch; a text-only
+    micro-batch would otherwise never report the image path's and the step would stop there."""
+    params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+    if not params or not torch.is_grad_enabled():
+        return 0.0
+    return torch.stack([p.reshape(-1)[0] for p in params]).sum() * 0.0
+
+
 class LanguageModelHost(MegatronModule):
     """A model around ``language_model`` (a GPTModel chunk): what megatron-core's schedules,
     DDP and the loss heads ask of it."""
@@ -53,6 +64,10 @@ class VLMBase(LanguageModelHost, abc.ABC):
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """[n, 3, H, W] -> [n, image_tokens, llm_hidden]."""
 
+    def image_path(self) -> list:
+        """The modules between the pixels and the LLM (vision encoder, connectors)."""
+        return [child for name, child in self.named_children() if name != "language_model"]
+
     def embed(self, input_ids: torch.Tensor, images=None, images_per_sample=None, position_ids=None) -> torch.Tensor:
         """Token embeddings [s, b, h] with image embeddings at the <image> positions. Under
         sequence parallelism the whole sequence is assembled first (an image's tokens may
@@ -67,6 +82,8 @@ class VLMBase(LanguageModelHost, abc.ABC):
         else:
             image_embeds = embeddings.new_zeros(0, cfg.image_tokens, embeddings.shape[-1])
         merged = scatter_image_embeddings(embeddings, input_ids, image_embeds, cfg.image_token_id, images_per_sample)
+        if not image_embeds.shape[0]:
+            merged = merged + zero_gradient_anchor(*self.image_path())
         if embedding.add_position_embedding and image_embeds.shape[0]:
             # Learned absolute positions (OPT) belong to every position, image slots included; the
             # embedding added them before the image embeddings replaced those slots.

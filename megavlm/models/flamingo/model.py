@@ -29,7 +29,7 @@ from megavlm.models.common.transformer_config import (
     resampler_transformer_config,
 )
 from megavlm.models.common.vision_transformer import build_vision_tower
-from megavlm.models.common.vlm import LanguageModelHost, run_frozen_aware
+from megavlm.models.common.vlm import LanguageModelHost, run_frozen_aware, zero_gradient_anchor
 from megavlm.models.flamingo.fusion import Fusion, fusion_layer_spec, media_mask
 from megavlm.models.flamingo.resampler import PerceiverResampler
 
@@ -80,7 +80,7 @@ class FlamingoModel(LanguageModelHost):
         dtype = self.language_model.embedding.word_embeddings.weight.dtype
         out = torch.zeros(batch, slots, f.num_latents, width, dtype=dtype, device=images_per_sample.device)
         if images is None or images.shape[0] == 0:
-            return out
+            return out + zero_gradient_anchor(self.vision, self.resampler)
         frames = images.dim() == 5
         features = run_frozen_aware(self.vision, images.flatten(0, 1) if frames else images)
         if frames:
