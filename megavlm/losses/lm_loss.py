@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
@@ -61,8 +62,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, vocab_size: int,
                                  tp_group=None) -> torch.Tensor:
     """Per-token loss (fp32, shape of ``target``) for logits [..., V/TP] sharded over ``tp_group``."""
-    tp_rank = dist.get_rank(tp_group) if tp_group is not None and dist.is_initialized() else 0
+    tp_size = dist.get_world_size(tp_group) if tp_group is not None and dist.is_initialized() else 1
     local = logits.shape[-1]
+    if tp_size == 1 and local == vocab_size:  # the whole vocabulary here: torch's fused kernel, same math
+        flat = F.cross_entropy(logits.reshape(-1, local).float(), target.reshape(-1), ignore_index=IGNORE_INDEX,
+                               reduction="none")
+        return flat.view(target.shape)
+    tp_rank = dist.get_rank(tp_group) if tp_group is not None and dist.is_initialized() else 0
     start = tp_rank * local
     valid = max(0, min(local, vocab_size - start))
     flat = _VocabParallelCrossEntropy.apply(logits.reshape(-1, local), target.reshape(-1), start, valid, tp_group)
@@ -96,9 +102,15 @@ class LogitsHead:
         return output
 
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy of the supervised rows only (image tokens and prompts carry no label:
+        most of a stage-1 sequence), gathered first so the softmax never runs on the rest."""
         mask = labels != IGNORE_INDEX
-        losses = self.cross_entropy(output, labels, self.vocab_size, self.tp_group)
-        return (losses * mask).sum(), mask.sum()
+        rows = mask.reshape(-1).nonzero().squeeze(1)
+        if rows.numel() == 0:  # keeps the graph (and the pipeline's backward) intact
+            return output.sum() * 0.0, mask.sum()
+        picked = output.reshape(-1, output.shape[-1]).index_select(0, rows)
+        losses = self.cross_entropy(picked, labels.reshape(-1).index_select(0, rows), self.vocab_size, self.tp_group)
+        return losses.sum(), mask.sum()
 
 
 class FusedLinearHead:
