@@ -32,6 +32,7 @@ class VisionConfig:
     # scale on the attention and MLP outputs, initialised to this value; None: no LayerScale).
     qk_norm: bool = False
     layer_scale: Optional[float] = None
+    qkv_bias: bool = True           # False: bias-free q/k/v (InternViT-6B); the other linears keep theirs
 
     def __post_init__(self):
         check(self.image_size % self.patch_size == 0, "vision.image_size",

@@ -257,6 +257,11 @@ class Recipe:
                   "LoRA adapts megatron-core's local parallel linears; use transformer_impl: local")
             check(lora.quantize_base != "nf4" or self.checkpoint.trainable_only, "checkpoint.trainable_only",
                   "QLoRA keeps the base in NF4 only in memory: set checkpoint.trainable_only: true")
+            if lora.export_peft:
+                from megavlm.peft.export import export_problem
+
+                problem = export_problem(self.model, lora)
+                check(problem is None, "stage.lora.export_peft", f"cannot be written for PEFT: {problem}")
 
 
 def _merge(base: dict, update: dict) -> dict:

@@ -33,8 +33,6 @@ from megavlm.models.common.tags import tag_component
 # Which parallel linear holds each target, and which slot of its fused output rows.
 _MODULE_OF = {"q": "self_attention.linear_qkv", "k": "self_attention.linear_qkv", "v": "self_attention.linear_qkv",
               "o": "self_attention.linear_proj", "gate": "mlp.linear_fc1", "up": "mlp.linear_fc1", "down": "mlp.linear_fc2"}
-HF_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 
 
 class LoRAAdapter(torch.nn.Module):
@@ -228,6 +226,18 @@ def apply_lora(language_model, cfg, gated: bool = True) -> int:
 
 def lora_modules(model):
     return [m for m in model.modules() if hasattr(m, "_lora_layout")]
+
+
+def full_precision_state(model) -> dict[str, torch.Tensor]:
+    """The model's tensors by state-dict name, QLoRA's NF4 base weights dequantised under their
+    ``.weight`` names (what an HF export of the base needs)."""
+    from megavlm.peft.nf4 import dequantize
+
+    state = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    for name, module in model.named_modules():
+        if getattr(module, "weight_nf4", None) is not None:
+            state[f"{name}.weight"] = dequantize(module.weight_nf4)
+    return state
 
 
 @torch.no_grad()

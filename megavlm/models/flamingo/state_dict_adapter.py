@@ -28,6 +28,7 @@ def _take(hf: dict, key: str) -> torch.Tensor:
 class FlamingoStateDictAdapter(ShardedAdapter):
     # megavlm tensors without an IDEFICS counterpart: frame embeddings (video / multi-frame media)
     not_in_hf = ("resampler.frame_embeddings",)
+    hf_decoder_layers = "model.layers"
 
     def __init__(self, model: ModelConfig, tp_size: int = 1, pp_size: int = 1, first_stage_layers=None,
                  last_stage_layers=None):
@@ -166,7 +167,8 @@ def config_from_hf(hf_config: dict, flavor: str = "hf") -> ModelConfig:
     if hf_config.get("qk_layer_norms") or per.get("qk_layer_norms_perceiver"):
         raise ValueError("IDEFICS with qk_layer_norms is not supported")
     additional = int(hf_config.get("additional_vocab_size", 0))
-    language = hf_blocks.llama_config_from_hf(dict(hf_config, vocab_size=hf_config["vocab_size"] + additional))
+    language = hf_blocks.llama_config_from_hf(dict(hf_config, vocab_size=hf_config["vocab_size"] + additional),
+                                              section="config")
     vision = VisionConfig(
         image_size=vis["image_size"], patch_size=vis["patch_size"], hidden_size=vis["embed_dim"],
         num_layers=vis["num_hidden_layers"], num_heads=vis["num_attention_heads"], ffn_hidden_size=vis["intermediate_size"],

@@ -36,6 +36,7 @@ def normalize_hf_names(hf: dict) -> dict:
 
 class LlavaStateDictAdapter(ShardedAdapter):
     not_in_hf: tuple[str, ...] = ()
+    hf_decoder_layers = LLM + "layers"
 
     def __init__(self, model: ModelConfig, tp_size: int = 1, pp_size: int = 1, first_stage_layers=None,
                  last_stage_layers=None):

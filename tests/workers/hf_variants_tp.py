@@ -1,0 +1,86 @@
+"""torchrun worker (2 processes): every layout of tests/hf_variants.py at TP=2. Each rank builds the
+same random HF model (same seed), loads its own shard, and the vocab-sharded logits are gathered
+over TP; rank 0 compares them with HF's, exports the gathered shards back to HF names and writes
+{variant: max |logits diff|, mismatching tensors, the exported model's max |logits diff|}; then, per
+family, LoRA and QLoRA adapters trained at TP=2 exported for PEFT reproduce megavlm's logits."""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from megavlm.config.model import ParallelConfig
+from megavlm.models.registry import get_family
+from megavlm.parallel import init as pinit
+from megavlm.parallel.gather import gather_shards
+from megavlm.training.build import build_model, load_local_state
+from tests import hf_variants
+
+
+def check(name: str, ctx, pgs, parallel: ParallelConfig) -> dict | None:
+    cfg = hf_variants.variant_config(name)
+    hf = hf_variants.hf_reference(cfg, seed=3)
+    reference = dict(hf.state_dict())
+    adapter = get_family(cfg.family).adapter_cls(cfg, tp_size=ctx.tp_size)
+    model = build_model(cfg, parallel, ctx, pgs).eval()
+    load_local_state(model, adapter.hf_to_megavlm(reference, ctx.tp_rank, 0))
+    b = hf_variants.batch(cfg)
+    with torch.no_grad():
+        logits = model(b["input_ids"], images=b["images"], images_per_sample=b["images_per_sample"]).contiguous()
+    parts = [torch.empty_like(logits) for _ in range(ctx.tp_size)]
+    torch.distributed.all_gather(parts, logits, group=pgs.tp)
+    shards = gather_shards(model.state_dict(), ctx.tp_rank, 0, ctx.dp_rank)
+    if not ctx.is_main:
+        return None
+    ref = hf_variants.hf_logits(cfg, hf, b)
+    ours = torch.cat(parts, -1)[..., : cfg.language.vocab_size].float()
+    exported = adapter.megavlm_to_hf(shards)
+    again = hf_variants.hf_logits(cfg, hf_variants.exported_hf_model(cfg, exported, reference), b)
+    return {"logits_diff": (ours - ref).abs().max().item(),
+            "export_mismatches": hf_variants.export_mismatches(exported, reference),
+            "export_logits_diff": (again - ref).abs().max().item()}
+
+
+def check_peft(name: str, quantize: bool, ctx, pgs, parallel: ParallelConfig, root: Path) -> float | None:
+    from megavlm.peft.lora import full_precision_state
+
+    cfg = hf_variants.variant_config(name)
+    adapter = get_family(cfg.family).adapter_cls(cfg, tp_size=ctx.tp_size)
+    model = build_model(cfg, parallel, ctx, pgs).eval()
+    load_local_state(model, adapter.hf_to_megavlm(dict(hf_variants.hf_reference(cfg, seed=4).state_dict()),
+                                                  ctx.tp_rank, 0))
+    lora = hf_variants.add_lora(model, cfg, quantize, ctx.tp_rank)
+    b = hf_variants.batch(cfg)
+    with torch.no_grad():
+        logits = model(b["input_ids"], images=b["images"], images_per_sample=b["images_per_sample"]).contiguous()
+    parts = [torch.empty_like(logits) for _ in range(ctx.tp_size)]
+    torch.distributed.all_gather(parts, logits, group=pgs.tp)
+    shards = gather_shards(full_precision_state(model), ctx.tp_rank, 0, ctx.dp_rank)
+    if not ctx.is_main:
+        return None
+    ours = torch.cat(parts, -1)[..., : cfg.language.vocab_size].float()
+    ref = hf_variants.peft_logits(cfg, lora, shards, adapter, root / f"{name}-{quantize}", b)
+    return (ours - ref).abs().max().item()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True, help="results JSON")
+    args = parser.parse_args()
+    parallel = ParallelConfig(tensor_parallel=2)
+    ctx = pinit.initialize(parallel, seed=0)
+    pgs = pinit.process_groups()
+    results = {"variants": {name: check(name, ctx, pgs, parallel) for name in hf_variants.VARIANTS},
+               "peft": {f"{name}/{'qlora' if quantize else 'lora'}": check_peft(name, quantize, ctx, pgs, parallel,
+                                                                               Path(args.out).parent)
+                        for name in hf_variants.PEFT_VARIANTS for quantize in (False, True)}}
+    if ctx.is_main:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+        print(json.dumps(results, indent=1))
+    torch.distributed.barrier()
+    pinit.destroy()
+
+
+if __name__ == "__main__":
+    main()
