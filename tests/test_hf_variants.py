@@ -120,3 +120,18 @@ def test_variants_at_tp2(tmp_path):
         assert result["logits_diff"] < TOLERANCE, (name, result)
         assert result["export_mismatches"] == [], (name, result)
         assert result["export_logits_diff"] < TOLERANCE, (name, result)
+
+
+def test_heads_tp_does_not_divide_fail_at_recipe_load():
+    from megavlm.config.recipe import load_recipe
+    from megavlm.config.schema import ConfigError
+    from tests.conftest import QUICKSTART
+
+    recipe = QUICKSTART / "llava_debug_stage3_lora.yaml"  # tensor_parallel: 2
+    with pytest.raises(ConfigError, match=r"model\.vision\.num_heads.*ViT's self-attention has 5 heads.*"
+                                          r"tensor_parallel=2"):
+        load_recipe(recipe, ["model.vision.hidden_size=60", "model.vision.num_heads=5"])
+    with pytest.raises(ConfigError, match=r"model\.language\.num_kv_heads.*1 heads"):
+        load_recipe(recipe, ["model.language.num_kv_heads=1"])
+    assert load_recipe(recipe, ["parallel.tensor_parallel=1", "model.vision.hidden_size=60",
+                                "model.vision.num_heads=5"]).model.vision.num_heads == 5

@@ -212,6 +212,19 @@ class ModelConfig:
             check(side % 2 == 0 and not self.vision.keep_class_token, "connector.type",
                   f"pixel_shuffle_mlp needs an even grid of patch tokens without the class token (grid {side}x{side})")
 
+    def attention_heads(self) -> list[tuple[str, str, int]]:
+        """(config key, module, head count) of every attention tensor parallelism splits by heads."""
+        heads = [("model.vision.num_heads", "the ViT's self-attention", self.vision.num_heads)]
+        if self.qformer is not None:
+            heads.append(("model.qformer.num_heads", "the Q-Former's self- and cross-attention", self.qformer.num_heads))
+        if self.flamingo is not None:
+            heads.append(("model.flamingo.resampler_heads", "the Perceiver resampler's attention",
+                          self.flamingo.resampler_heads))
+        if self.head == "lm":
+            heads += [("model.language.num_heads", "the language model's attention", self.language.num_heads),
+                      ("model.language.num_kv_heads", "the language model's key/value heads", self.language.num_kv_heads)]
+        return heads
+
     @property
     def image_tokens(self) -> int:
         """LLM positions one image fills: the Q-Former's queries, the ViT's tokens, or one

@@ -251,6 +251,10 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
+        tp = self.parallel.tensor_parallel
+        for key, module, heads in self.model.attention_heads():
+            check(heads % tp == 0, key, f"{module} has {heads} heads, which parallel.tensor_parallel={tp} does not "
+                                        "divide (tensor parallelism gives every rank the same number of heads)")
         lora = self.stage.lora
         if lora is not None:
             check(self.model.transformer_impl == "local", "model.transformer_impl",
