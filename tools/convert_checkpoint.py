@@ -43,13 +43,15 @@ def hf_to_megavlm(args) -> Path:
     from megavlm.models.registry import family_for_hf
     from megavlm.training.checkpoint import save_model
 
-    hf_config, hf_state = read_hf_dir(args.hf)
+    dtype = DTYPES[args.dtype]
+    # tensors are read one at a time, each cast to the model's dtype as it is read (sharded
+    # checkpoints through model.safetensors.index.json)
+    hf_config, hf_state = read_hf_dir(args.hf, dtype)
     family = family_for_hf(hf_config)
     model_cfg = family.config_from_hf(hf_config, flavor=args.flavor or Path(args.hf).name)
-    model = _build(model_cfg, DTYPES[args.dtype])
+    model = _build(model_cfg, dtype)
     adapter = family.adapter_cls(model_cfg)
-    missing, unexpected = model.load_state_dict(
-        {k: v.to(DTYPES[args.dtype]) for k, v in adapter.hf_to_megavlm(hf_state).items()}, strict=False)
+    missing, unexpected = model.load_state_dict(adapter.hf_to_megavlm(hf_state), strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     fresh = [k for k in missing if k.startswith(adapter.not_in_hf)]
     if unexpected or len(fresh) != len(missing):

@@ -5,9 +5,12 @@ over TP; rank 0 compares them with HF's, exports the gathered shards back to HF 
 family, LoRA and QLoRA adapters trained at TP=2 exported for PEFT reproduce megavlm's logits."""
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: the repository root for tests.*
 
 from megavlm.config.model import ParallelConfig
 from megavlm.models.registry import get_family

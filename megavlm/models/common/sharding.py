@@ -126,9 +126,14 @@ class ShardingPlan:
 
     # ---- whole state dicts --------------------------------------------------------------
     def shard(self, full: dict[str, torch.Tensor], tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
-        """The local state dict of process (tp_rank, pp_rank)."""
-        return {self.local_key(k, pp_rank): self.split(k, v, tp_rank).clone()
-                for k, v in full.items() if pp_rank in self.stages_of(k)}
+        """The local state dict of process (tp_rank, pp_rank). A TP slice is copied out of the
+        full tensor (so the full one can be freed); a whole tensor is passed on, not copied."""
+        local = {}
+        for key, tensor in full.items():
+            if pp_rank in self.stages_of(key):
+                part = self.split(key, tensor, tp_rank)
+                local[self.local_key(key, pp_rank)] = part if part is tensor else part.clone()
+        return local
 
     def unshard(self, shards: dict[tuple[int, int], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Merge every process's local state dict, keyed by (tp_rank, pp_rank), into the full one."""
