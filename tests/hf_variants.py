@@ -29,7 +29,13 @@ VARIANTS = {
     "blip2-opt-qkv-bias-free": ("blip2", "debug", ["vision.qkv_bias=false"]),
     "blip2-llama": ("blip2", "debug-llama", []),
     "flamingo-vector-gates": ("flamingo", "debug", ["flamingo.gate_type=vector", "flamingo.hf_additional_vocab=2"]),
+    # ViTs with head counts TP=2 does not divide, kept whole on every TP rank
+    "internvl-5-heads-whole-vit": ("internvl", "debug", ["vision.hidden_size=60", "vision.num_heads=5",
+                                                         "vision.tensor_parallel=1"]),
+    "llava-5-heads-whole-vit": ("llava", "debug", ["vision.hidden_size=80", "vision.num_heads=5",
+                                                   "vision.tensor_parallel=1"]),
 }
+WHOLE_VIT = "internvl-5-heads-whole-vit"   # also trained a step at TP=2 (its ViT's gradients checked)
 
 # TP=1 only: head counts TP=2 does not divide
 ODD_HEAD_VARIANTS = {

@@ -33,6 +33,9 @@ class VisionConfig:
     qk_norm: bool = False
     layer_scale: Optional[float] = None
     qkv_bias: bool = True           # False: bias-free q/k/v (InternViT-6B); the other linears keep theirs
+    # None: split over the LLM's tensor-parallel ranks. 1: whole on every TP rank (any head count),
+    # with its own size-1 TP group, while the LLM is split.
+    tensor_parallel: Optional[int] = None
 
     def __post_init__(self):
         check(self.image_size % self.patch_size == 0, "vision.image_size",
@@ -44,6 +47,8 @@ class VisionConfig:
         check(self.layers_to_build >= 1, "vision.feature_layer", "selects the embeddings; at least one layer is needed")
         check(not self.keep_class_token or self.class_token, "vision.keep_class_token",
               "needs class_token: true")
+        check(self.tensor_parallel in (None, 1), "vision.tensor_parallel",
+              f"{self.tensor_parallel}: the vision tower is split like the LLM (null) or whole on every rank (1)")
 
     @property
     def num_patches(self) -> int:
@@ -214,7 +219,8 @@ class ModelConfig:
 
     def attention_heads(self) -> list[tuple[str, str, int]]:
         """(config key, module, head count) of every attention tensor parallelism splits by heads."""
-        heads = [("model.vision.num_heads", "the ViT's self-attention", self.vision.num_heads)]
+        heads = [] if self.vision.tensor_parallel == 1 else [
+            ("model.vision.num_heads", "the ViT's self-attention", self.vision.num_heads)]
         if self.qformer is not None:
             heads.append(("model.qformer.num_heads", "the Q-Former's self- and cross-attention", self.qformer.num_heads))
         if self.flamingo is not None:

@@ -254,7 +254,8 @@ class Recipe:
         tp = self.parallel.tensor_parallel
         for key, module, heads in self.model.attention_heads():
             check(heads % tp == 0, key, f"{module} has {heads} heads, which parallel.tensor_parallel={tp} does not "
-                                        "divide (tensor parallelism gives every rank the same number of heads)")
+                                        "divide (tensor parallelism gives every rank the same number of heads; "
+                                        "model.vision.tensor_parallel: 1 keeps the ViT whole on every rank)")
         lora = self.stage.lora
         if lora is not None:
             check(self.model.transformer_impl == "local", "model.transformer_impl",

@@ -66,6 +66,34 @@ def check_peft(name: str, quantize: bool, ctx, pgs, parallel: ParallelConfig, ro
     return (ours - ref).abs().max().item()
 
 
+def vision_grads(name: str, ctx, pgs, parallel: ParallelConfig, checkpoint: str | None = None) -> dict:
+    """Gradients of the ViT (trainable, kept whole on every TP rank) for a loss on all logits, in
+    full form; and whether TP rank 1 counts them in the gradient norm. Also run by the test at TP=1."""
+    from megatron.core import tensor_parallel
+    from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
+
+    from megavlm.parallel.gather import local_grads
+
+    cfg = hf_variants.variant_config(name)
+    adapter = get_family(cfg.family).adapter_cls(cfg, tp_size=ctx.tp_size)
+    model = build_model(cfg, parallel, ctx, pgs)
+    load_local_state(model, adapter.hf_to_megavlm(dict(hf_variants.hf_reference(cfg, seed=5).state_dict()),
+                                                  ctx.tp_rank, 0))
+    if checkpoint:
+        from megavlm.training.checkpoint import save_model
+
+        save_model(model, cfg, checkpoint)
+    b = hf_variants.batch(cfg)
+    logits = model(b["input_ids"], images=b["images"], images_per_sample=b["images_per_sample"])
+    if ctx.tp_size > 1:
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits, group=pgs.tp)
+    logits[..., : cfg.language.vocab_size].float().pow(2).mean().backward()
+    grads = {k: v for k, v in local_grads(model).items() if k.startswith("vision.")}
+    counted = [param_is_not_tensor_parallel_duplicate(p, pgs.tp) for p in model.vision.parameters()]
+    shards = gather_shards(grads, ctx.tp_rank, 0, ctx.dp_rank)
+    return {"grads": adapter.plan.unshard(shards) if ctx.is_main else None, "counted": counted}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True, help="results JSON")
@@ -77,7 +105,12 @@ def main():
                "peft": {f"{name}/{'qlora' if quantize else 'lora'}": check_peft(name, quantize, ctx, pgs, parallel,
                                                                                Path(args.out).parent)
                         for name in hf_variants.PEFT_VARIANTS for quantize in (False, True)}}
+    whole_vit = vision_grads(hf_variants.WHOLE_VIT, ctx, pgs, parallel, str(Path(args.out).parent / "whole_vit_ckpt"))
+    counted = [None] * ctx.world_size
+    torch.distributed.all_gather_object(counted, whole_vit["counted"])
+    results["whole_vit_counted_by_rank"] = counted
     if ctx.is_main:
+        torch.save(whole_vit["grads"], Path(args.out).parent / "whole_vit_grads.pt")
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
         print(json.dumps(results, indent=1))

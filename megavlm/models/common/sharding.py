@@ -40,6 +40,8 @@ class ShardingPlan:
     last_stage_layers: int | None = None
     # Other vocab-parallel tables and their true sizes, by key prefix (e.g. the Q-Former's).
     extra_vocab: dict[str, int] = field(default_factory=dict)
+    # Modules whole on every TP rank (vision.tensor_parallel: 1): never split
+    whole_prefixes: tuple[str, ...] = ()
     ranges: list[tuple[int, int]] = field(init=False)
 
     def __post_init__(self):
@@ -81,6 +83,8 @@ class ShardingPlan:
         return next((v for prefix, v in self.extra_vocab.items() if key.startswith(prefix)), self.vocab_size)
 
     def _rule(self, key: str) -> str:
+        if key.startswith(self.whole_prefixes):
+            return "replicated"
         if ".lora." in key:
             return "column" if _LORA_COLUMN.search(key) else "row" if _LORA_ROW.search(key) else "replicated"
         if _VOCAB.search(key):

@@ -33,11 +33,13 @@ class FlamingoStateDictAdapter(ShardedAdapter):
     def __init__(self, model: ModelConfig, tp_size: int = 1, pp_size: int = 1, first_stage_layers=None,
                  last_stage_layers=None):
         self.model = model
-        self.plan = ShardingPlan(tp_size=tp_size, pp_size=pp_size, num_layers=model.language.num_layers,
-                                 vocab_size=model.language.vocab_size, first_stage_layers=first_stage_layers,
-                                 last_stage_layers=last_stage_layers,
-                                 first_stage_prefixes=("vision.", "resampler.", "language_model.embedding."),
-                                 gated_prefixes=("language_model.",))
+        self.plan = ShardingPlan(
+            whole_prefixes=("vision.",) if model.vision.tensor_parallel == 1 else (),
+            tp_size=tp_size, pp_size=pp_size, num_layers=model.language.num_layers,
+            vocab_size=model.language.vocab_size, first_stage_layers=first_stage_layers,
+            last_stage_layers=last_stage_layers,
+            first_stage_prefixes=("vision.", "resampler.", "language_model.embedding."),
+            gated_prefixes=("language_model.",))
 
     # ---- full (unsharded) form ----------------------------------------------------------
     def _blocks(self):

@@ -42,7 +42,7 @@ class FullWidthRMSNorm(torch.nn.Module):
     def __init__(self, config, hidden_size: int, eps: float = QK_NORM_EPS):
         super().__init__()
         del hidden_size, eps  # megatron-core passes the per-head size and the layer-norm eps
-        tp = config.tensor_model_parallel_size
+        tp = self.tp_size = config.tensor_model_parallel_size  # 1 for a ViT kept whole on every rank
         self.full_width = config.num_attention_heads * config.kv_channels
         self.eps = QK_NORM_EPS
         self.weight = torch.nn.Parameter(torch.ones(self.full_width // tp, dtype=config.params_dtype))
@@ -54,7 +54,7 @@ class FullWidthRMSNorm(torch.nn.Module):
         dtype = x.dtype
         xf = x.float()
         sum_sq = xf.pow(2).sum(dim=(-2, -1), keepdim=True)
-        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        if self.tp_size > 1:
             sum_sq = _AllReduceSum.apply(sum_sq, parallel_state.get_tensor_model_parallel_group())
         normed = xf * torch.rsqrt(sum_sq / self.full_width + self.eps)
         return self.weight.view(x.shape[-2], x.shape[-1]) * normed.to(dtype)
