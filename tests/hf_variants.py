@@ -34,8 +34,15 @@ VARIANTS = {
                                                          "vision.tensor_parallel=1"]),
     "llava-5-heads-whole-vit": ("llava", "debug", ["vision.hidden_size=80", "vision.num_heads=5",
                                                    "vision.tensor_parallel=1"]),
+    # a Q-Former and a Perceiver resampler whose heads TP=2 does not divide, kept whole
+    "blip2-5-heads-whole-qformer": ("blip2", "debug", ["qformer.hidden_size=80", "qformer.num_heads=5",
+                                                       "connector.tensor_parallel=1"]),
+    "flamingo-3-heads-whole-resampler": ("flamingo", "debug", ["flamingo.resampler_heads=3",
+                                                               "connector.tensor_parallel=1"]),
 }
-WHOLE_VIT = "internvl-5-heads-whole-vit"   # also trained a step at TP=2 (its ViT's gradients checked)
+# also trained at TP=2: the gradients of the parts kept whole are checked against one process's
+WHOLE_MODULES = {"internvl-5-heads-whole-vit": ("vision.",), "blip2-5-heads-whole-qformer": ("vision.", "qformer."),
+                 "flamingo-3-heads-whole-resampler": ("resampler.",)}
 
 # TP=1 only: head counts TP=2 does not divide
 ODD_HEAD_VARIANTS = {

@@ -122,24 +122,25 @@ def test_variants_at_tp2(tmp_path):
         assert result["export_mismatches"] == [], (name, result)
         assert result["export_logits_diff"] < TOLERANCE, (name, result)
 
-    # a ViT kept whole on both TP ranks: its gradients equal one process's (not summed over TP),
-    # the gradient norm counts them on TP rank 0 only, and its TP=2 checkpoint loads at TP=1
+    # modules kept whole on both TP ranks: their gradients equal one process's (not summed over TP),
+    # the gradient norm counts them on TP rank 0 only, and a TP=2 checkpoint loads at TP=1
     from megavlm.parallel import init as pinit
     from megavlm.training.checkpoint import load_model
     from tests.workers import hf_variants_tp
 
-    rank0, rank1 = results["whole_vit_counted_by_rank"]
-    assert all(rank0) and not any(rank1)
     ctx = pinit.initialize(ParallelConfig(), seed=0)
-    ref = hf_variants_tp.vision_grads(hf_variants.WHOLE_VIT, ctx, process_groups(), ParallelConfig())["grads"]
-    tp2 = torch.load(tmp_path / "whole_vit_grads.pt")
-    assert set(tp2) == set(ref) and any("q_layernorm" in k for k in ref)
-    for name, grad in ref.items():
-        assert grad.abs().sum() > 0, name
-        torch.testing.assert_close(tp2[name], grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
-    cfg = hf_variants.variant_config(hf_variants.WHOLE_VIT)
+    for variant, (rank0, rank1) in results["whole_counted_by_rank"].items():
+        assert rank0 and all(rank0) and not any(rank1), variant
+        ref = hf_variants_tp.whole_grads(variant, ctx, process_groups(), ParallelConfig())["grads"]
+        tp2 = torch.load(tmp_path / f"{variant}_grads.pt")
+        assert set(tp2) == set(ref) and ref, variant
+        for name, grad in ref.items():
+            assert grad.abs().sum() > 0, name
+            torch.testing.assert_close(tp2[name], grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{variant} {name}: {m}")
+    first = next(iter(hf_variants.WHOLE_MODULES))
+    cfg = hf_variants.variant_config(first)
     model = build_model(cfg, ParallelConfig(), ctx, process_groups())
-    load_model(model, tmp_path / "whole_vit_ckpt")
+    load_model(model, tmp_path / f"{first}_ckpt")
     exported = get_family(cfg.family).adapter_cls(cfg).megavlm_to_hf({(0, 0): model.state_dict()})
     assert not hf_variants.export_mismatches(exported, dict(hf_variants.hf_reference(cfg, seed=5).state_dict()))
 

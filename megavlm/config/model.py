@@ -108,6 +108,13 @@ class ConnectorConfig:
     # pixel_shuffle_mlp: InternVL's pixel shuffle (ratio 0.5) + LayerNorm + 2-layer GELU MLP
     type: Literal["mlp2x_gelu", "linear", "qformer", "perceiver", "pixel_shuffle_mlp"] = "mlp2x_gelu"
     bias: bool = True
+    # The Q-Former / Perceiver resampler: None: split over the LLM's TP ranks; 1: whole on every
+    # TP rank (any head count) with its own size-1 TP group
+    tensor_parallel: Optional[int] = None
+
+    def __post_init__(self):
+        check(self.tensor_parallel in (None, 1), "connector.tensor_parallel",
+              f"{self.tensor_parallel}: the connector is split like the LLM (null) or whole on every rank (1)")
 
 
 @dataclass
@@ -204,6 +211,8 @@ class ModelConfig:
         check((self.connector.type == "qformer") == (self.qformer is not None), "qformer",
               "a qformer section goes with connector.type: qformer")
         check(self.head == "lm" or self.qformer is not None, "head", "head: qformer needs a qformer section")
+        check(self.head == "lm" or self.connector.tensor_parallel is None, "connector.tensor_parallel",
+              "BLIP-2 stage 1 (head: qformer) splits the Q-Former with the model: leave it null")
         check((self.connector.type == "perceiver") == (self.flamingo is not None), "flamingo",
               "a flamingo section goes with connector.type: perceiver")
         if self.flamingo is not None:
@@ -221,9 +230,10 @@ class ModelConfig:
         """(config key, module, head count) of every attention tensor parallelism splits by heads."""
         heads = [] if self.vision.tensor_parallel == 1 else [
             ("model.vision.num_heads", "the ViT's self-attention", self.vision.num_heads)]
-        if self.qformer is not None:
+        whole_connector = self.connector.tensor_parallel == 1
+        if self.qformer is not None and not (whole_connector and self.head == "lm"):
             heads.append(("model.qformer.num_heads", "the Q-Former's self- and cross-attention", self.qformer.num_heads))
-        if self.flamingo is not None:
+        if self.flamingo is not None and not whole_connector:
             heads.append(("model.flamingo.resampler_heads", "the Perceiver resampler's attention",
                           self.flamingo.resampler_heads))
         if self.head == "lm":

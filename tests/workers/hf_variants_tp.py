@@ -66,9 +66,9 @@ def check_peft(name: str, quantize: bool, ctx, pgs, parallel: ParallelConfig, ro
     return (ours - ref).abs().max().item()
 
 
-def vision_grads(name: str, ctx, pgs, parallel: ParallelConfig, checkpoint: str | None = None) -> dict:
-    """Gradients of the ViT (trainable, kept whole on every TP rank) for a loss on all logits, in
-    full form; and whether TP rank 1 counts them in the gradient norm. Also run by the test at TP=1."""
+def whole_grads(name: str, ctx, pgs, parallel: ParallelConfig, checkpoint: str | None = None) -> dict:
+    """Gradients of the parts kept whole on every TP rank (all trainable) for a loss on all logits,
+    in full form; and whether this rank counts them in the gradient norm. Also run by the test at TP=1."""
     from megatron.core import tensor_parallel
     from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
 
@@ -88,8 +88,10 @@ def vision_grads(name: str, ctx, pgs, parallel: ParallelConfig, checkpoint: str 
     if ctx.tp_size > 1:
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits, group=pgs.tp)
     logits[..., : cfg.language.vocab_size].float().pow(2).mean().backward()
-    grads = {k: v for k, v in local_grads(model).items() if k.startswith("vision.")}
-    counted = [param_is_not_tensor_parallel_duplicate(p, pgs.tp) for p in model.vision.parameters()]
+    prefixes = hf_variants.WHOLE_MODULES[name]
+    grads = {k: v for k, v in local_grads(model).items() if k.startswith(prefixes)}
+    counted = [param_is_not_tensor_parallel_duplicate(p, pgs.tp) for k, p in model.named_parameters()
+               if k.startswith(prefixes)]
     shards = gather_shards(grads, ctx.tp_rank, 0, ctx.dp_rank)
     return {"grads": adapter.plan.unshard(shards) if ctx.is_main else None, "counted": counted}
 
@@ -105,12 +107,15 @@ def main():
                "peft": {f"{name}/{'qlora' if quantize else 'lora'}": check_peft(name, quantize, ctx, pgs, parallel,
                                                                                Path(args.out).parent)
                         for name in hf_variants.PEFT_VARIANTS for quantize in (False, True)}}
-    whole_vit = vision_grads(hf_variants.WHOLE_VIT, ctx, pgs, parallel, str(Path(args.out).parent / "whole_vit_ckpt"))
-    counted = [None] * ctx.world_size
-    torch.distributed.all_gather_object(counted, whole_vit["counted"])
-    results["whole_vit_counted_by_rank"] = counted
+    results["whole_counted_by_rank"] = {}
+    for i, name in enumerate(hf_variants.WHOLE_MODULES):
+        whole = whole_grads(name, ctx, pgs, parallel, str(Path(args.out).parent / f"{name}_ckpt") if i == 0 else None)
+        counted = [None] * ctx.world_size
+        torch.distributed.all_gather_object(counted, whole["counted"])
+        results["whole_counted_by_rank"][name] = counted
+        if ctx.is_main:
+            torch.save(whole["grads"], Path(args.out).parent / f"{name}_grads.pt")
     if ctx.is_main:
-        torch.save(whole_vit["grads"], Path(args.out).parent / "whole_vit_grads.pt")
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)
         print(json.dumps(results, indent=1))

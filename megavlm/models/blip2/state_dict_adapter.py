@@ -19,7 +19,8 @@ class Blip2StateDictAdapter(ShardedAdapter):
                  last_stage_layers=None):
         self.model = model
         self.plan = ShardingPlan(
-            whole_prefixes=("vision.",) if model.vision.tensor_parallel == 1 else (),
+            whole_prefixes=(("vision.",) if model.vision.tensor_parallel == 1 else ())
+            + (("qformer.",) if model.connector.tensor_parallel == 1 else ()),
             tp_size=tp_size, pp_size=pp_size, num_layers=model.language.num_layers if model.head == "lm" else 0,
             vocab_size=model.language.vocab_size, first_stage_layers=first_stage_layers,
             last_stage_layers=last_stage_layers, extra_vocab={"qformer.": model.qformer.vocab_size,

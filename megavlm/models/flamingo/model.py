@@ -50,8 +50,16 @@ class FlamingoModel(LanguageModelHost):
         self.vision = self.resampler = None
         if pre_process:
             self.vision = build_vision_tower(model, parallel, pg_collection, dtype, recompute)
-            self.resampler = tag_component(PerceiverResampler(model.flamingo, resampler_transformer_config(model, parallel, dtype),
-                                                              width, tp_group), "connector")
+            if model.connector.tensor_parallel == 1:
+                from megavlm.models.common.replicated import build_whole, whole_parallel
+
+                resampler = build_whole(PerceiverResampler, pg_collection, model.flamingo,
+                                        resampler_transformer_config(model, whole_parallel(parallel), dtype), width,
+                                        pg_collection.solo)
+            else:
+                resampler = PerceiverResampler(model.flamingo, resampler_transformer_config(model, parallel, dtype),
+                                               width, tp_group)
+            self.resampler = tag_component(resampler, "connector")
         spec = fusion_layer_spec(decoder_layer_spec(model.transformer_impl),
                                  Fusion(model.flamingo, width, model.language.num_layers))
         language_model = build_language_model(model.language, lm_config, model.transformer_impl, pg_collection,
