@@ -34,6 +34,9 @@ VARIANTS = {
                                                          "vision.tensor_parallel=1"]),
     "llava-5-heads-whole-vit": ("llava", "debug", ["vision.hidden_size=80", "vision.num_heads=5",
                                                    "vision.tensor_parallel=1"]),
+    # InternViT's 5 heads padded to 6 with a zero dummy head (QK-norm over the real heads only)
+    "internvl-5-heads-padded": ("internvl", "debug", ["vision.hidden_size=60", "vision.num_heads=5",
+                                                      "vision.padded_heads=6"]),
     # a Q-Former and a Perceiver resampler whose heads TP=2 does not divide, kept whole
     "blip2-5-heads-whole-qformer": ("blip2", "debug", ["qformer.hidden_size=80", "qformer.num_heads=5",
                                                        "connector.tensor_parallel=1"]),

@@ -30,7 +30,8 @@ def test_variant_both_ways(single_process, name):
     family = get_family(cfg.family)
     hf = hf_variants.hf_reference(cfg, seed=3)
     back = family.config_from_hf(hf.config.to_dict(), cfg.flavor)
-    back.vision.tensor_parallel = cfg.vision.tensor_parallel  # a megavlm layout choice, not in HF's config
+    # megavlm layout choices, not in HF's config
+    back.vision.tensor_parallel, back.vision.padded_heads = cfg.vision.tensor_parallel, cfg.vision.padded_heads
     assert (back.vision, back.language, back.flamingo) == (cfg.vision, cfg.language, cfg.flamingo)
 
     reference = dict(hf.state_dict())
@@ -158,3 +159,25 @@ def test_heads_tp_does_not_divide_fail_at_recipe_load():
         load_recipe(recipe, ["model.language.num_kv_heads=1"])
     assert load_recipe(recipe, ["parallel.tensor_parallel=1", "model.vision.hidden_size=60",
                                 "model.vision.num_heads=5"]).model.vision.num_heads == 5
+
+
+def test_dummy_heads_get_no_gradient(single_process):
+    """Zero dummy heads stay zero under training: every gradient that reaches them is exactly 0
+    (zero q/k/v give a zero head output, whose output-projection columns are zero too)."""
+    from megavlm.config.recipe import StageConfig
+    from megavlm.training.stages import apply_stage
+
+    cfg = hf_variants.variant_config("internvl-5-heads-padded")
+    adapter = get_family(cfg.family).adapter_cls(cfg)
+    model = build_model(cfg, ParallelConfig(), single_process, process_groups())
+    load_local_state(model, adapter.hf_to_megavlm(dict(hf_variants.hf_reference(cfg, seed=1).state_dict())))
+    apply_stage(model, StageConfig(trainable=["vision", "connector", "llm"]))
+    b = hf_variants.batch(cfg)
+    model(b["input_ids"], images=b["images"], images_per_sample=b["images_per_sample"]).pow(2).mean().backward()
+    head_dim, real = cfg.vision.hidden_size // cfg.vision.num_heads, cfg.vision.num_heads
+    attention = model.vision.encoder.layers[0].self_attention
+    qkv = attention.linear_qkv.weight.grad.view(cfg.vision.built_heads, 3, head_dim, -1)
+    assert qkv[:real].abs().sum() > 0 and torch.all(qkv[real:] == 0)
+    proj = attention.linear_proj.weight.grad.view(cfg.vision.hidden_size, cfg.vision.built_heads, head_dim)
+    assert proj[:, :real].abs().sum() > 0 and torch.all(proj[:, real:] == 0)
+    assert torch.all(attention.q_layernorm.weight.grad.view(-1, head_dim)[real:] == 0)

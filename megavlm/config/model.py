@@ -36,8 +36,14 @@ class VisionConfig:
     # None: split over the LLM's tensor-parallel ranks. 1: whole on every TP rank (any head count),
     # with its own size-1 TP group, while the LLM is split.
     tensor_parallel: Optional[int] = None
+    # Megatron-LM's answer to head counts TP does not divide (InternViT-6B's 25): the converter adds
+    # zero-weight dummy heads up to this count (their output projection columns are zero, the
+    # full-width QK-norm ignores them) and strips them on export. None: no padding.
+    padded_heads: Optional[int] = None
 
     def __post_init__(self):
+        check(self.padded_heads is None or self.padded_heads >= self.num_heads, "vision.padded_heads",
+              f"{self.padded_heads} is fewer than num_heads {self.num_heads}")
         check(self.image_size % self.patch_size == 0, "vision.image_size",
               f"{self.image_size} is not a multiple of patch_size {self.patch_size}")
         check(self.hidden_size % self.num_heads == 0, "vision.num_heads",
@@ -49,6 +55,11 @@ class VisionConfig:
               "needs class_token: true")
         check(self.tensor_parallel in (None, 1), "vision.tensor_parallel",
               f"{self.tensor_parallel}: the vision tower is split like the LLM (null) or whole on every rank (1)")
+
+    @property
+    def built_heads(self) -> int:
+        """Heads the model has: the real ones and any dummy heads."""
+        return self.padded_heads or self.num_heads
 
     @property
     def num_patches(self) -> int:
@@ -211,6 +222,9 @@ class ModelConfig:
         check((self.connector.type == "qformer") == (self.qformer is not None), "qformer",
               "a qformer section goes with connector.type: qformer")
         check(self.head == "lm" or self.qformer is not None, "head", "head: qformer needs a qformer section")
+        check(self.vision.padded_heads is None or self.family == "internvl", "vision.padded_heads",
+              "dummy heads are converted for InternViT (family internvl) only; vision.tensor_parallel: 1 "
+              "runs any head count in every family")
         check(self.head == "lm" or self.connector.tensor_parallel is None, "connector.tensor_parallel",
               "BLIP-2 stage 1 (head: qformer) splits the Q-Former with the model: leave it null")
         check((self.connector.type == "perceiver") == (self.flamingo is not None), "flamingo",
@@ -229,7 +243,8 @@ class ModelConfig:
     def attention_heads(self) -> list[tuple[str, str, int]]:
         """(config key, module, head count) of every attention tensor parallelism splits by heads."""
         heads = [] if self.vision.tensor_parallel == 1 else [
-            ("model.vision.num_heads", "the ViT's self-attention", self.vision.num_heads)]
+            ("model.vision.padded_heads" if self.vision.padded_heads else "model.vision.num_heads",
+             "the ViT's self-attention", self.vision.built_heads)]
         whole_connector = self.connector.tensor_parallel == 1
         if self.qformer is not None and not (whole_connector and self.head == "lm"):
             heads.append(("model.qformer.num_heads", "the Q-Former's self- and cross-attention", self.qformer.num_heads))

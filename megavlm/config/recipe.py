@@ -256,7 +256,8 @@ class Recipe:
             check(heads % tp == 0, key, f"{module} has {heads} heads, which parallel.tensor_parallel={tp} does not "
                                         "divide (tensor parallelism gives every rank the same number of heads; "
                                         "model.vision.tensor_parallel / model.connector.tensor_parallel: 1 keep "
-                                        "the ViT / the Q-Former or resampler whole on every rank)")
+                                        "the ViT / the Q-Former or resampler whole on every rank; "
+                                        "model.vision.padded_heads adds dummy ViT heads)")
         lora = self.stage.lora
         if lora is not None:
             check(self.model.transformer_impl == "local", "model.transformer_impl",

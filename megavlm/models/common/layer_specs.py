@@ -109,7 +109,8 @@ def vision_layer_spec(model_cfg) -> ModuleSpec:
     if not vision.qkv_bias:
         attention.linear_qkv = _bias_free(_module_of(attention.linear_qkv))
     if vision.qk_norm:
-        attention.q_layernorm = attention.k_layernorm = FullWidthRMSNorm
+        attention.q_layernorm = attention.k_layernorm = ModuleSpec(module=FullWidthRMSNorm,
+                                                                   params={"real_heads": vision.num_heads})
     if vision.layer_scale is not None:
         params = {"layer_scale_init": vision.layer_scale}
         attention.linear_proj = ModuleSpec(module=_layer_scaled(_module_of(attention.linear_proj)), params=params)

@@ -165,6 +165,20 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, 
     return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
 
 
+def pad_heads(tensor: torch.Tensor, heads: int, padded: int, dim: int = 0) -> torch.Tensor:
+    """Append zero dummy heads along ``dim`` (head-major, like HF's q/k/v rows and o_proj columns)."""
+    if padded == heads:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = shape[dim] // heads * (padded - heads)
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim)
+
+
+def strip_heads(tensor: torch.Tensor, heads: int, padded: int, dim: int = 0) -> torch.Tensor:
+    """Inverse of pad_heads: the real heads' part."""
+    return tensor.narrow(dim, 0, tensor.shape[dim] // padded * heads)
+
+
 def fuse_kv(k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Separate key/value projections -> ParallelAttention's linear_kv, interleaved per head."""
     rest = k.shape[1:]

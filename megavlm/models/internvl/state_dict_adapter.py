@@ -10,7 +10,7 @@ import torch
 from megavlm.config.model import ConnectorConfig, ModelConfig, VisionConfig
 from megavlm.models.common import hf_blocks
 from megavlm.models.common.hf_blocks import _take
-from megavlm.models.common.sharding import fuse_qkv, split_qkv
+from megavlm.models.common.sharding import fuse_qkv, pad_heads, split_qkv, strip_heads
 from megavlm.models.llava.state_dict_adapter import LlavaStateDictAdapter, normalize_hf_names
 
 VISION, PROJECTOR, LLM, HEAD = "model.vision_tower.", "model.multi_modal_projector.", "model.language_model.", "lm_head.weight"
@@ -32,7 +32,9 @@ def _qkv_params(vision: VisionConfig) -> tuple[str, ...]:
 
 
 def internvit_to_megavlm(hf: dict, src: str, out: dict, dst: str, vision: VisionConfig) -> None:
-    hidden, heads = vision.hidden_size, vision.num_heads
+    """With ``vision.padded_heads``, zero dummy heads are appended to q/k/v, the QK-norm weights and
+    the output projection's input columns."""
+    hidden, heads, padded = vision.hidden_size, vision.num_heads, vision.built_heads
     out[dst + "patch_embed.weight"] = _take(hf, src + "embeddings.patch_embeddings.projection.weight")
     out[dst + "patch_embed.bias"] = _take(hf, src + "embeddings.patch_embeddings.projection.bias")
     out[dst + "class_token"] = _take(hf, src + "embeddings.cls_token").reshape(hidden)
@@ -45,10 +47,13 @@ def internvit_to_megavlm(hf: dict, src: str, out: dict, dst: str, vision: Vision
                 out[f"{m}{ours}.{p}"] = _take(hf, f"{h}{theirs}.{p}")
         for p in _qkv_params(vision):
             out[m + f"self_attention.linear_qkv.{p}"] = fuse_qkv(
-                *(_take(hf, f"{h}attention.{x}_proj.{p}") for x in "qkv"), heads, heads)
+                *(pad_heads(_take(hf, f"{h}attention.{x}_proj.{p}"), heads, padded) for x in "qkv"), padded, padded)
+        proj = m + "self_attention.linear_proj.weight"
+        out[proj] = pad_heads(out[proj], heads, padded, dim=1)
         if vision.qk_norm:
-            out[m + "self_attention.q_layernorm.weight"] = _take(hf, h + "attention.q_norm.weight")
-            out[m + "self_attention.k_layernorm.weight"] = _take(hf, h + "attention.k_norm.weight")
+            for x in "qk":
+                out[m + f"self_attention.{x}_layernorm.weight"] = pad_heads(_take(hf, h + f"attention.{x}_norm.weight"),
+                                                                            heads, padded)
         out[m + "self_attention.linear_proj.layer_scale"] = _take(hf, h + "lambda_1")
         out[m + "mlp.linear_fc2.layer_scale"] = _take(hf, h + "lambda_2")
     if vision.post_norm:
@@ -57,7 +62,8 @@ def internvit_to_megavlm(hf: dict, src: str, out: dict, dst: str, vision: Vision
 
 
 def internvit_to_hf(full: dict, src: str, hf: dict, dst: str, vision: VisionConfig) -> None:
-    hidden, heads = vision.hidden_size, vision.num_heads
+    """Dummy heads (``vision.padded_heads``) are stripped."""
+    hidden, heads, padded = vision.hidden_size, vision.num_heads, vision.built_heads
     hf[dst + "embeddings.patch_embeddings.projection.weight"] = full[src + "patch_embed.weight"]
     hf[dst + "embeddings.patch_embeddings.projection.bias"] = full[src + "patch_embed.bias"]
     hf[dst + "embeddings.cls_token"] = full[src + "class_token"].reshape(1, 1, hidden)
@@ -69,11 +75,15 @@ def internvit_to_hf(full: dict, src: str, hf: dict, dst: str, vision: VisionConf
             for p in params:
                 hf[f"{h}{theirs}.{p}"] = full[f"{m}{ours}.{p}"]
         for p in _qkv_params(vision):
-            q, k, v = split_qkv(full[m + f"self_attention.linear_qkv.{p}"], heads, heads)
-            hf[h + f"attention.q_proj.{p}"], hf[h + f"attention.k_proj.{p}"], hf[h + f"attention.v_proj.{p}"] = q, k, v
+            qkv = split_qkv(full[m + f"self_attention.linear_qkv.{p}"], padded, padded)
+            for x, t in zip("qkv", qkv):
+                hf[h + f"attention.{x}_proj.{p}"] = strip_heads(t, heads, padded)
+        proj = h + "attention.projection_layer.weight"
+        hf[proj] = strip_heads(hf[proj], heads, padded, dim=1)
         if vision.qk_norm:
-            hf[h + "attention.q_norm.weight"] = full[m + "self_attention.q_layernorm.weight"]
-            hf[h + "attention.k_norm.weight"] = full[m + "self_attention.k_layernorm.weight"]
+            for x in "qk":
+                hf[h + f"attention.{x}_norm.weight"] = strip_heads(full[m + f"self_attention.{x}_layernorm.weight"],
+                                                                   heads, padded)
         hf[h + "lambda_1"] = full[m + "self_attention.linear_proj.layer_scale"]
         hf[h + "lambda_2"] = full[m + "mlp.linear_fc2.layer_scale"]
     if vision.post_norm:
