@@ -29,6 +29,8 @@ VARIANTS = {
     "blip2-opt-qkv-bias-free": ("blip2", "debug", ["vision.qkv_bias=false"]),
     "blip2-llama": ("blip2", "debug-llama", []),
     "flamingo-vector-gates": ("flamingo", "debug", ["flamingo.gate_type=vector", "flamingo.hf_additional_vocab=2"]),
+    # IDEFICS without the Perceiver resampler: text attends to every ViT token
+    "flamingo-no-resampler": ("flamingo", "debug", ["flamingo.use_resampler=false", "flamingo.max_media=3"]),
     # ViTs with head counts TP=2 does not divide, kept whole on every TP rank
     "internvl-5-heads-whole-vit": ("internvl", "debug", ["vision.hidden_size=60", "vision.num_heads=5",
                                                          "vision.tensor_parallel=1"]),

@@ -171,12 +171,16 @@ class FlamingoConfig:
     gate_type: Literal["float", "vector"] = "float"   # one tanh gate per block, or one per channel
     gate_init: float = 0.0             # tanh(0) = 0: the frozen LLM's outputs are unchanged at the start
     hf_additional_vocab: int = 0       # IDEFICS holds the last N vocabulary rows in separate tensors
+    # False: no resampler; text attends to every ViT token of an image (IDEFICS' use_resampler: false)
+    use_resampler: bool = True
 
     def __post_init__(self):
         for key in ("num_latents", "resampler_depth", "resampler_heads", "resampler_head_dim", "resampler_ffn_mult",
                     "max_frames", "cross_attention_interval", "max_media"):
             check(getattr(self, key) >= 1, f"flamingo.{key}", "must be >= 1")
         check(self.hf_additional_vocab >= 0, "flamingo.hf_additional_vocab", "must be >= 0")
+        check(self.use_resampler or self.max_frames == 1, "flamingo.max_frames",
+              "multi-frame media are pooled by the resampler: set use_resampler: true")
 
 
 @dataclass
@@ -248,13 +252,19 @@ class ModelConfig:
         whole_connector = self.connector.tensor_parallel == 1
         if self.qformer is not None and not (whole_connector and self.head == "lm"):
             heads.append(("model.qformer.num_heads", "the Q-Former's self- and cross-attention", self.qformer.num_heads))
-        if self.flamingo is not None and not whole_connector:
+        if self.flamingo is not None and self.flamingo.use_resampler and not whole_connector:
             heads.append(("model.flamingo.resampler_heads", "the Perceiver resampler's attention",
                           self.flamingo.resampler_heads))
         if self.head == "lm":
             heads += [("model.language.num_heads", "the language model's attention", self.language.num_heads),
                       ("model.language.num_kv_heads", "the language model's key/value heads", self.language.num_kv_heads)]
         return heads
+
+    @property
+    def media_tokens(self) -> int:
+        """Flamingo: the tokens one image gives the cross-attention (the resampler's latents, or
+        every ViT token without a resampler)."""
+        return self.flamingo.num_latents if self.flamingo.use_resampler else self.vision.tokens_per_image
 
     @property
     def image_tokens(self) -> int:
