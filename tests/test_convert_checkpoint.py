@@ -39,3 +39,46 @@ def test_missing_directory_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, str(TOOL), "hf-to-megavlm", "--hf", str(tmp_path / "nope"), "--out",
                            str(tmp_path / "x")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "config.json does not exist" in proc.stderr
+
+
+def test_sharded_bf16_internvl_without_qkv_bias_round_trips_through_the_cli(tmp_path):
+    """A bias-free InternViT (HF's default attention_bias: false) saved as bf16 in several shards
+    with model.safetensors.index.json: converted in fp32 (each tensor cast as it is read) and back,
+    both with --verify."""
+    from megavlm.models.common.hf_io import write_hf_dir
+    from megavlm.models.registry import get_family
+    from tests import hf_variants
+
+    cfg = hf_variants.variant_config("internvl-qkv-bias-free")
+    hf = hf_variants.hf_reference(cfg, seed=2)
+    config = dict(get_family("internvl").config_to_hf(cfg), torch_dtype="bfloat16")
+    state = {k: v.to(torch.bfloat16) for k, v in hf.state_dict().items()}
+    write_hf_dir(tmp_path / "hf", config, state, max_shard_bytes=200_000)
+    assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 2
+    out = _run("hf-to-megavlm", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt"), "--verify")
+    assert "OK" in out
+    out = _run("megavlm-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "back"), "--verify")
+    assert "OK" in out
+    back = load_file(tmp_path / "back" / "model.safetensors")
+    assert not any(k.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")) and "vision_tower" in k for k in back)
+    assert all(torch.equal(back[k], state[k].float()) for k in back)
+
+
+def test_lazy_reading_casts_each_tensor_and_checks_the_index(tmp_path):
+    import json
+
+    import pytest
+
+    from megavlm.models.common.hf_io import read_hf_dir, write_hf_dir
+
+    state = {f"layer.{i}.weight": torch.randn(64, 64, dtype=torch.bfloat16) for i in range(5)}
+    write_hf_dir(tmp_path, {"model_type": "x"}, state, max_shard_bytes=3 * 64 * 64 * 2)
+    _, lazy = read_hf_dir(tmp_path, torch.float32)
+    assert sorted(lazy) == sorted(state) and len(lazy) == 5
+    assert all(lazy[k].dtype == torch.float32 and torch.equal(lazy[k], v.float()) for k, v in state.items())
+    index = tmp_path / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())
+    weight_map["weight_map"]["layer.0.weight"] = "model-00009-of-00009.safetensors"
+    index.write_text(json.dumps(weight_map))
+    with pytest.raises(FileNotFoundError, match="model-00009-of-00009.safetensors"):
+        read_hf_dir(tmp_path)

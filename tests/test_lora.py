@@ -124,7 +124,7 @@ def test_peft_export_loads_into_the_hf_converted_model(single_process, base, tmp
     adapter = get_family("llava").adapter_cls(CFG)
     tensors = {k: v for k, v in model.state_dict().items() if torch.is_tensor(v)}
     full = adapter.plan.unshard({(0, 0): tensors})
-    write_peft(tmp_path / "peft", {k: v for k, v in full.items() if ".lora." in k}, lora, "llava")
+    write_peft(tmp_path / "peft", {k: v for k, v in full.items() if ".lora." in k}, lora, adapter)
     hf = tiny_hf_llava(CFG)
     hf.load_state_dict(adapter.megavlm_to_hf({(0, 0): tensors}), strict=False)
     peft_model = PeftModel.from_pretrained(hf, str(tmp_path / "peft")).eval()

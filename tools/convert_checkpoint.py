@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Convert between HF checkpoints (local safetensors directories) and megavlm checkpoints.
 
-  hf-to-megavlm  --hf DIR --out CKPT      HF LlavaForConditionalGeneration -> megavlm dist checkpoint
+  hf-to-megavlm  --hf DIR --out CKPT      HF LLaVA / BLIP-2 / IDEFICS / InternVL -> megavlm dist checkpoint
   megavlm-to-hf  --ckpt CKPT --out DIR    megavlm checkpoint -> HF directory (config.json + safetensors)
 
 A megavlm checkpoint is layout-independent: training loads it at any TP/PP. ``--verify`` builds
@@ -39,17 +39,22 @@ def _build(model_cfg, dtype):
 
 
 def hf_to_megavlm(args) -> Path:
+    from megavlm.config.schema import with_overrides
     from megavlm.models.common.hf_io import read_hf_dir
     from megavlm.models.registry import family_for_hf
     from megavlm.training.checkpoint import save_model
 
-    hf_config, hf_state = read_hf_dir(args.hf)
+    dtype = DTYPES[args.dtype]
+    # tensors are read one at a time, each cast to the model's dtype as it is read (sharded
+    # checkpoints through model.safetensors.index.json)
+    hf_config, hf_state = read_hf_dir(args.hf, dtype)
     family = family_for_hf(hf_config)
     model_cfg = family.config_from_hf(hf_config, flavor=args.flavor or Path(args.hf).name)
-    model = _build(model_cfg, DTYPES[args.dtype])
+    if args.vision_padded_heads:
+        model_cfg = with_overrides(model_cfg, [f"vision.padded_heads={args.vision_padded_heads}"])
+    model = _build(model_cfg, dtype)
     adapter = family.adapter_cls(model_cfg)
-    missing, unexpected = model.load_state_dict(
-        {k: v.to(DTYPES[args.dtype]) for k, v in adapter.hf_to_megavlm(hf_state).items()}, strict=False)
+    missing, unexpected = model.load_state_dict(adapter.hf_to_megavlm(hf_state), strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     fresh = [k for k in missing if k.startswith(adapter.not_in_hf)]
     if unexpected or len(fresh) != len(missing):
@@ -137,6 +142,9 @@ def main(argv=None) -> int:
     to_m.add_argument("--hf", required=True, help="local HF checkpoint directory (config.json + *.safetensors)")
     to_m.add_argument("--out", required=True, help="megavlm checkpoint directory to write")
     to_m.add_argument("--flavor", default=None, help="name recorded in the config (default: the HF directory name)")
+    to_m.add_argument("--vision-padded-heads", type=int, default=None,
+                      help="add zero dummy ViT heads up to this count, so that the TP size divides them "
+                           "(InternViT-6B: 25 -> 32); megavlm-to-hf strips them")
     to_h = sub.add_parser("megavlm-to-hf", help="megavlm checkpoint -> HF directory")
     to_h.add_argument("--ckpt", required=True, help="megavlm checkpoint directory")
     to_h.add_argument("--out", required=True, help="HF directory to write")

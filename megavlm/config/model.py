@@ -32,8 +32,18 @@ class VisionConfig:
     # scale on the attention and MLP outputs, initialised to this value; None: no LayerScale).
     qk_norm: bool = False
     layer_scale: Optional[float] = None
+    qkv_bias: bool = True           # False: bias-free q/k/v (InternViT-6B); the other linears keep theirs
+    # None: split over the LLM's tensor-parallel ranks. 1: whole on every TP rank (any head count),
+    # with its own size-1 TP group, while the LLM is split.
+    tensor_parallel: Optional[int] = None
+    # Megatron-LM's answer to head counts TP does not divide (InternViT-6B's 25): the converter adds
+    # zero-weight dummy heads up to this count (their output projection columns are zero, the
+    # full-width QK-norm ignores them) and strips them on export. None: no padding.
+    padded_heads: Optional[int] = None
 
     def __post_init__(self):
+        check(self.padded_heads is None or self.padded_heads >= self.num_heads, "vision.padded_heads",
+              f"{self.padded_heads} is fewer than num_heads {self.num_heads}")
         check(self.image_size % self.patch_size == 0, "vision.image_size",
               f"{self.image_size} is not a multiple of patch_size {self.patch_size}")
         check(self.hidden_size % self.num_heads == 0, "vision.num_heads",
@@ -43,6 +53,13 @@ class VisionConfig:
         check(self.layers_to_build >= 1, "vision.feature_layer", "selects the embeddings; at least one layer is needed")
         check(not self.keep_class_token or self.class_token, "vision.keep_class_token",
               "needs class_token: true")
+        check(self.tensor_parallel in (None, 1), "vision.tensor_parallel",
+              f"{self.tensor_parallel}: the vision tower is split like the LLM (null) or whole on every rank (1)")
+
+    @property
+    def built_heads(self) -> int:
+        """Heads the model has: the real ones and any dummy heads."""
+        return self.padded_heads or self.num_heads
 
     @property
     def num_patches(self) -> int:
@@ -102,6 +119,13 @@ class ConnectorConfig:
     # pixel_shuffle_mlp: InternVL's pixel shuffle (ratio 0.5) + LayerNorm + 2-layer GELU MLP
     type: Literal["mlp2x_gelu", "linear", "qformer", "perceiver", "pixel_shuffle_mlp"] = "mlp2x_gelu"
     bias: bool = True
+    # The Q-Former / Perceiver resampler: None: split over the LLM's TP ranks; 1: whole on every
+    # TP rank (any head count) with its own size-1 TP group
+    tensor_parallel: Optional[int] = None
+
+    def __post_init__(self):
+        check(self.tensor_parallel in (None, 1), "connector.tensor_parallel",
+              f"{self.tensor_parallel}: the connector is split like the LLM (null) or whole on every rank (1)")
 
 
 @dataclass
@@ -147,12 +171,16 @@ class FlamingoConfig:
     gate_type: Literal["float", "vector"] = "float"   # one tanh gate per block, or one per channel
     gate_init: float = 0.0             # tanh(0) = 0: the frozen LLM's outputs are unchanged at the start
     hf_additional_vocab: int = 0       # IDEFICS holds the last N vocabulary rows in separate tensors
+    # False: no resampler; text attends to every ViT token of an image (IDEFICS' use_resampler: false)
+    use_resampler: bool = True
 
     def __post_init__(self):
         for key in ("num_latents", "resampler_depth", "resampler_heads", "resampler_head_dim", "resampler_ffn_mult",
                     "max_frames", "cross_attention_interval", "max_media"):
             check(getattr(self, key) >= 1, f"flamingo.{key}", "must be >= 1")
         check(self.hf_additional_vocab >= 0, "flamingo.hf_additional_vocab", "must be >= 0")
+        check(self.use_resampler or self.max_frames == 1, "flamingo.max_frames",
+              "multi-frame media are pooled by the resampler: set use_resampler: true")
 
 
 @dataclass
@@ -198,6 +226,11 @@ class ModelConfig:
         check((self.connector.type == "qformer") == (self.qformer is not None), "qformer",
               "a qformer section goes with connector.type: qformer")
         check(self.head == "lm" or self.qformer is not None, "head", "head: qformer needs a qformer section")
+        check(self.vision.padded_heads is None or self.family == "internvl", "vision.padded_heads",
+              "dummy heads are converted for InternViT (family internvl) only; vision.tensor_parallel: 1 "
+              "runs any head count in every family")
+        check(self.head == "lm" or self.connector.tensor_parallel is None, "connector.tensor_parallel",
+              "BLIP-2 stage 1 (head: qformer) splits the Q-Former with the model: leave it null")
         check((self.connector.type == "perceiver") == (self.flamingo is not None), "flamingo",
               "a flamingo section goes with connector.type: perceiver")
         if self.flamingo is not None:
@@ -210,6 +243,28 @@ class ModelConfig:
             side = self.vision.image_size // self.vision.patch_size
             check(side % 2 == 0 and not self.vision.keep_class_token, "connector.type",
                   f"pixel_shuffle_mlp needs an even grid of patch tokens without the class token (grid {side}x{side})")
+
+    def attention_heads(self) -> list[tuple[str, str, int]]:
+        """(config key, module, head count) of every attention tensor parallelism splits by heads."""
+        heads = [] if self.vision.tensor_parallel == 1 else [
+            ("model.vision.padded_heads" if self.vision.padded_heads else "model.vision.num_heads",
+             "the ViT's self-attention", self.vision.built_heads)]
+        whole_connector = self.connector.tensor_parallel == 1
+        if self.qformer is not None and not (whole_connector and self.head == "lm"):
+            heads.append(("model.qformer.num_heads", "the Q-Former's self- and cross-attention", self.qformer.num_heads))
+        if self.flamingo is not None and self.flamingo.use_resampler and not whole_connector:
+            heads.append(("model.flamingo.resampler_heads", "the Perceiver resampler's attention",
+                          self.flamingo.resampler_heads))
+        if self.head == "lm":
+            heads += [("model.language.num_heads", "the language model's attention", self.language.num_heads),
+                      ("model.language.num_kv_heads", "the language model's key/value heads", self.language.num_kv_heads)]
+        return heads
+
+    @property
+    def media_tokens(self) -> int:
+        """Flamingo: the tokens one image gives the cross-attention (the resampler's latents, or
+        every ViT token without a resampler)."""
+        return self.flamingo.num_latents if self.flamingo.use_resampler else self.vision.tokens_per_image
 
     @property
     def image_tokens(self) -> int:

@@ -255,12 +255,24 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
+        tp = self.parallel.tensor_parallel
+        for key, module, heads in self.model.attention_heads():
+            check(heads % tp == 0, key, f"{module} has {heads} heads, which parallel.tensor_parallel={tp} does not "
+                                        "divide (tensor parallelism gives every rank the same number of heads; "
+                                        "model.vision.tensor_parallel / model.connector.tensor_parallel: 1 keep "
+                                        "the ViT / the Q-Former or resampler whole on every rank; "
+                                        "model.vision.padded_heads adds dummy ViT heads)")
         lora = self.stage.lora
         if lora is not None:
             check(self.model.transformer_impl == "local", "model.transformer_impl",
                   "LoRA adapts megatron-core's local parallel linears; use transformer_impl: local")
             check(lora.quantize_base != "nf4" or self.checkpoint.trainable_only, "checkpoint.trainable_only",
                   "QLoRA keeps the base in NF4 only in memory: set checkpoint.trainable_only: true")
+            if lora.export_peft:
+                from megavlm.peft.export import export_problem
+
+                problem = export_problem(self.model, lora)
+                check(problem is None, "stage.lora.export_peft", f"cannot be written for PEFT: {problem}")
         if self.parallel.sequence_parallel:
             self._check_sequence_parallel()
         check(not self.train.overlap_param_gather or self.optimizer.distributed, "train.overlap_param_gather",

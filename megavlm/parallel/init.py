@@ -149,11 +149,28 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int 
     return ctx
 
 
+_SOLO_GROUPS: dict = {}
+
+
+def solo_group():
+    """A group holding only this process: the size-1 tensor-parallel group of a module that runs
+    whole on every TP rank. Creating groups is collective, so every rank makes all of them once."""
+    world = dist.group.WORLD
+    if world not in _SOLO_GROUPS:
+        groups = [dist.new_group([rank]) for rank in range(dist.get_world_size())]
+        _SOLO_GROUPS.clear()
+        _SOLO_GROUPS[world] = groups[dist.get_rank()]
+    return _SOLO_GROUPS[world]
+
+
 def process_groups():
-    """megatron-core's ProcessGroupCollection for the initialised layout (entry points only)."""
+    """megatron-core's ProcessGroupCollection for the initialised layout (entry points only), with
+    ``solo``: this process alone (see ``solo_group``)."""
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    return ProcessGroupCollection.use_mpu_process_groups()
+    pgs = ProcessGroupCollection.use_mpu_process_groups()
+    pgs.solo = solo_group()
+    return pgs
 
 
 def destroy() -> None:
@@ -162,4 +179,5 @@ def destroy() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
+        _SOLO_GROUPS.clear()
         dist.destroy_process_group()

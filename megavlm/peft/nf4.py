@@ -46,18 +46,6 @@ def dequantize(weight_nf4) -> torch.Tensor:
     return weight_nf4.get_original_weight()
 
 
-@torch.no_grad()
-def quantize_module_weight(module) -> None:
-    """Replace ``module.weight`` (a frozen parameter) by ``module.weight_nf4``."""
-    weight = module.weight
-    if weight.numel() % BLOCK_SIZE:
-        raise ValueError(f"{getattr(module, '_lora_name', 'a layer')}: a {tuple(weight.shape)} weight does not split "
-                         f"into NF4 blocks of {BLOCK_SIZE} values")
-    module.weight_nf4 = to_nf4(weight)
-    del module._parameters["weight"]
-    module.weight = None  # megatron-core reads .weight in places; the base now lives in weight_nf4
-
-
 def nf4_bytes(weight_nf4) -> int:
     return sum(t.numel() * t.element_size() for t in (weight_nf4.quantized_data, weight_nf4.quantized_scalers,
                                                       weight_nf4.quantization_factor, weight_nf4.scaler_mean))

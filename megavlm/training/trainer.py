@@ -265,7 +265,6 @@ class Trainer:
     def _export_lora(self, logger: MetricsLogger) -> None:
         """Merged checkpoint and/or PEFT adapters + the HF-converted model they apply to."""
         from megavlm.parallel.gather import gather_shards
-        from megavlm.peft.export import write_peft
         from megavlm.peft.lora import merge_lora, unmerge_lora
         from megavlm.training.checkpoint import save_model
 
@@ -277,22 +276,17 @@ class Trainer:
             unmerge_lora(self.model)
             logger.print(f"wrote the merged checkpoint {root / 'merged'}")
         if lora.export_peft:
-            tensors = {k: v for k, v in self.model.state_dict().items() if torch.is_tensor(v)}
-            shards = gather_shards(tensors, self.ctx.tp_rank, self.ctx.pp_rank, self.ctx.dp_rank)
-            if self.ctx.is_main:
-                family = get_family(r.model.family)
-                adapter = family.adapter_cls(r.model, self.ctx.tp_size, self.ctx.pp_size,
-                                             r.parallel.first_stage_layers, r.parallel.last_stage_layers)
-                full = adapter.plan.unshard(shards)
-                write_peft(root / "peft", {k: v for k, v in full.items() if ".lora." in k}, lora, r.model.family,
-                           base_model=str(root / "hf_base"))
-                if lora.quantize_base != "nf4":
-                    from megavlm.models.common.hf_io import write_hf_dir
+            from megavlm.peft.export import export_for_hf
+            from megavlm.peft.lora import full_precision_state
 
-                    config, hf_state = family.complete_for_hf(r.model, adapter.megavlm_to_hf(shards), None)
-                    write_hf_dir(root / "hf_base", config, hf_state)
-                logger.print(f"wrote PEFT adapters {root / 'peft'}" +
-                             ("" if lora.quantize_base == "nf4" else f" for the HF model {root / 'hf_base'}"))
+            shards = gather_shards(full_precision_state(self.model), self.ctx.tp_rank, self.ctx.pp_rank,
+                                   self.ctx.dp_rank)
+            if self.ctx.is_main:
+                adapter = get_family(r.model.family).adapter_cls(r.model, self.ctx.tp_size, self.ctx.pp_size,
+                                                                 r.parallel.first_stage_layers,
+                                                                 r.parallel.last_stage_layers)
+                peft_dir, base_dir = export_for_hf(shards, r.model, adapter, lora, root)
+                logger.print(f"wrote PEFT adapters {peft_dir} for the HF model {base_dir}")
             dist.barrier()
 
 

@@ -45,10 +45,18 @@ class Blip2Model(VLMBase):
         tp_group = pg_collection.tp if pg_collection is not None else None
         if pre_process:
             self.vision = build_vision_tower(model, parallel, pg_collection, dtype)
-            q_config = qformer_transformer_config(model, parallel, dtype)
             # generation reads only the query outputs: no text path (as in HF's model)
             qformer = dataclasses.replace(model.qformer, text_input=False)
-            self.qformer = tag_component(QFormer(qformer, q_config, model.vision.hidden_size, tp_group), "connector")
+            if model.connector.tensor_parallel == 1:
+                from megavlm.models.common.replicated import build_whole, whole_parallel
+
+                q_config = qformer_transformer_config(model, whole_parallel(parallel), dtype)
+                module = build_whole(QFormer, pg_collection, qformer, q_config, model.vision.hidden_size,
+                                     pg_collection.solo)
+            else:
+                module = QFormer(qformer, qformer_transformer_config(model, parallel, dtype), model.vision.hidden_size,
+                                 tp_group)
+            self.qformer = tag_component(module, "connector")
             self.language_projection = tag_component(ColumnParallelLinear(
                 model.qformer.hidden_size, model.language.hidden_size, config=without_sequence_parallel(lm_config),
                 init_method=lm_config.init_method, bias=True, gather_output=True, tp_group=tp_group), "connector")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from megavlm.config.model import ConnectorConfig, ModelConfig, QFormerConfig
 from megavlm.models.common import hf_blocks
-from megavlm.models.common.adapter import ShardedAdapter
+from megavlm.models.common.adapter import LLAMA_LORA_MODULES, OPT_LORA_MODULES, ShardedAdapter
 from megavlm.models.common.sharding import ShardingPlan
 
 RETRIEVAL = "Blip2ForImageTextRetrieval"
@@ -19,6 +19,8 @@ class Blip2StateDictAdapter(ShardedAdapter):
                  last_stage_layers=None):
         self.model = model
         self.plan = ShardingPlan(
+            whole_prefixes=(("vision.",) if model.vision.tensor_parallel == 1 else ())
+            + (("qformer.",) if model.connector.tensor_parallel == 1 else ()),
             tp_size=tp_size, pp_size=pp_size, num_layers=model.language.num_layers if model.head == "lm" else 0,
             vocab_size=model.language.vocab_size, first_stage_layers=first_stage_layers,
             last_stage_layers=last_stage_layers, extra_vocab={"qformer.": model.qformer.vocab_size,
@@ -26,6 +28,14 @@ class Blip2StateDictAdapter(ShardedAdapter):
             first_stage_prefixes=("vision.", "qformer.", "language_projection.", "language_model.embedding.", "heads.",
                                   "itg_bias", "temp"),
             gated_prefixes=("language_model.",) if model.language.activation == "swiglu" else ())
+
+    @property
+    def hf_decoder_layers(self) -> str | None:
+        return None if self.model.head == "qformer" else self._llm()[2] + "layers"
+
+    @property
+    def hf_lora_modules(self) -> dict[str, str]:
+        return OPT_LORA_MODULES if self.model.language.position_embedding == "learned" else LLAMA_LORA_MODULES
 
     def _llm(self):
         return (hf_blocks.opt_to_megavlm, hf_blocks.opt_to_hf, "language_model.model.decoder.") \
@@ -76,6 +86,9 @@ def config_from_hf(hf_config: dict, flavor: str = "hf") -> ModelConfig:
     vision = hf_blocks.clip_config_from_hf(vis, -1, True)
     vision.activation, vision.norm_eps = vis.get("hidden_act", "gelu"), vis.get("layer_norm_eps", 1e-6)
     vision.class_token, vision.pre_norm, vision.patch_bias, vision.post_norm = True, False, True, True
+    vision.qkv_bias = bool(vis.get("qkv_bias", True))
+    hf_blocks.check_supported("qformer_config", qf, {"position_embedding_type": ("absolute",),
+                                                     "hidden_act": ("gelu",), "num_channels": (3,)})
     qformer = QFormerConfig(
         hidden_size=qf["hidden_size"], num_layers=qf["num_hidden_layers"], num_heads=qf["num_attention_heads"],
         ffn_hidden_size=qf["intermediate_size"], num_query_tokens=hf_config.get("num_query_tokens", 32),
@@ -100,7 +113,7 @@ def config_to_hf(model: ModelConfig) -> dict:
         "vision_config": {"model_type": "blip_2_vision_model", "hidden_size": v.hidden_size,
                           "intermediate_size": v.ffn_hidden_size, "num_hidden_layers": v.num_layers,
                           "num_attention_heads": v.num_heads, "image_size": v.image_size, "patch_size": v.patch_size,
-                          "hidden_act": v.activation, "layer_norm_eps": v.norm_eps, "qkv_bias": True},
+                          "hidden_act": v.activation, "layer_norm_eps": v.norm_eps, "qkv_bias": v.qkv_bias},
         "qformer_config": {"model_type": "blip_2_qformer", "hidden_size": q.hidden_size,
                            "num_hidden_layers": q.num_layers, "num_attention_heads": q.num_heads,
                            "intermediate_size": q.ffn_hidden_size, "cross_attention_frequency": q.cross_attention_freq,

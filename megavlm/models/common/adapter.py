@@ -4,9 +4,20 @@ through ``self.plan`` (models/common/sharding.py). A family adds ``hf_to_full`` 
 from __future__ import annotations
 
 
+# Each LoRA target's module inside an HF Llama/Qwen2 decoder layer, and inside an OPT one.
+LLAMA_LORA_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                      "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+OPT_LORA_MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                    "o": "self_attn.out_proj", "up": "fc1", "down": "fc2"}
+
+
 class ShardedAdapter:
     model = None
     plan = None
+    # Module path of the decoder layers in the family's HF class (None: no HF decoder), and each
+    # LoRA target's module in one of them: how PEFT names exported adapters.
+    hf_decoder_layers: str | None = None
+    hf_lora_modules: dict[str, str] = LLAMA_LORA_MODULES
 
     def hf_to_megavlm(self, hf: dict, tp_rank: int = 0, pp_rank: int = 0) -> dict:
         """The local state dict of process (tp_rank, pp_rank), ready for ``model.load_state_dict``."""

@@ -106,37 +106,67 @@ def llama_to_hf(full: dict, src: str, hf: dict, dst: str, head: str, lang: Langu
         hf[head] = full[src + "output_layer.weight"]
 
 
-def llama_config_from_hf(text: dict) -> LanguageConfig:
-    if text.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"Llama-style decoder expects hidden_act 'silu', got {text['hidden_act']!r}")
+def check_supported(section: str, cfg: dict, supported: dict[str, tuple]) -> None:
+    """Reject an HF config field whose value megavlm does not reproduce, naming it. ``supported``:
+    field -> the values megavlm computes the same as HF (an absent field has HF's default)."""
+    for key, values in supported.items():
+        if key in cfg and cfg[key] not in values:
+            raise ValueError(f"HF config field {section}.{key}={cfg[key]!r} is not supported "
+                             f"(supported: {', '.join(map(repr, values))})")
+
+
+# Decoders with the Llama layout. Qwen2 is Llama with biases on q/k/v only (always present);
+# Llama's attention_bias also puts one on o_proj, which megatron-core ties to the MLP biases.
+LLAMA_LIKE = ("llama", "qwen2", "idefics")
+_DECODER_FIELDS = {"hidden_act": ("silu",), "attention_bias": (False,), "mlp_bias": (False,), "pretraining_tp": (1,),
+                   "rope_scaling": (None,), "use_sliding_window": (False,), "attention_dropout": (0, 0.0)}
+
+
+def llama_config_from_hf(text: dict, section: str = "text_config") -> LanguageConfig:
+    model_type = text.get("model_type", "llama")
+    check_supported(section, text, {"model_type": LLAMA_LIKE, **_DECODER_FIELDS})
+    rope = text.get("rope_parameters") or {}
+    check_supported(f"{section}.rope_parameters", rope, {"rope_type": ("default",)})
     heads = text["num_attention_heads"]
     head_dim = text.get("head_dim") or text["hidden_size"] // heads
     if head_dim * heads != text["hidden_size"]:
-        raise ValueError(f"head_dim {head_dim} x {heads} heads != hidden_size {text['hidden_size']}: unsupported")
-    rope = text.get("rope_parameters") or {}
+        raise ValueError(f"HF config field {section}.head_dim={head_dim}: {heads} heads of it != hidden_size "
+                         f"{text['hidden_size']} is not supported")
     return LanguageConfig(
         vocab_size=text["vocab_size"], hidden_size=text["hidden_size"], num_layers=text["num_hidden_layers"],
         num_heads=heads, num_kv_heads=text.get("num_key_value_heads") or heads,
         ffn_hidden_size=text["intermediate_size"], max_seq_len=text.get("max_position_embeddings", 4096),
         rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 10000.0))),
-        norm_eps=text.get("rms_norm_eps", 1e-6), qkv_bias=bool(text.get("attention_bias", False)),
+        norm_eps=text.get("rms_norm_eps", 1e-6), qkv_bias=model_type == "qwen2",
         tie_embeddings=bool(text.get("tie_word_embeddings", False)),
     )
 
 
 def llama_config_to_hf(lang: LanguageConfig) -> dict:
-    return {
+    """A Llama config, or Qwen2's for a decoder with q/k/v biases."""
+    if lang.linear_bias or lang.normalization != "RMSNorm" or lang.activation != "swiglu" \
+            or lang.position_embedding != "rope":
+        raise ValueError("HF Llama/Qwen2 decoders have RMSNorm, SwiGLU, RoPE and no biases outside q/k/v")
+    config = {
         "model_type": "llama", "vocab_size": lang.vocab_size, "hidden_size": lang.hidden_size,
         "num_hidden_layers": lang.num_layers, "num_attention_heads": lang.num_heads,
         "num_key_value_heads": lang.query_groups, "intermediate_size": lang.ffn_hidden_size,
         "max_position_embeddings": lang.max_seq_len, "rope_theta": lang.rope_theta,
         "rope_parameters": {"rope_theta": lang.rope_theta, "rope_type": "default"},
-        "rms_norm_eps": lang.norm_eps, "attention_bias": lang.qkv_bias, "mlp_bias": False,
+        "rms_norm_eps": lang.norm_eps, "attention_bias": False, "mlp_bias": False,
         "tie_word_embeddings": lang.tie_embeddings, "hidden_act": "silu",
     }
+    if lang.qkv_bias:
+        for key in ("attention_bias", "mlp_bias"):
+            config.pop(key)
+        config.update(model_type="qwen2", use_sliding_window=False, max_window_layers=lang.num_layers,
+                      layer_types=["full_attention"] * lang.num_layers)
+    return config
 
 
 def clip_config_from_hf(vis: dict, feature_layer: int, keep_class_token: bool) -> VisionConfig:
+    check_supported("vision_config", vis, {"hidden_act": ("quick_gelu", "gelu"), "num_channels": (3,),
+                                           "attention_dropout": (0, 0.0)})
     return VisionConfig(
         image_size=vis["image_size"], patch_size=vis["patch_size"], hidden_size=vis["hidden_size"],
         num_layers=vis["num_hidden_layers"], num_heads=vis["num_attention_heads"],
@@ -163,9 +193,10 @@ def blip_vision_to_megavlm(hf: dict, src: str, out: dict, dst: str, vision: Visi
     heads = vision.num_heads
     for i in range(vision.layers_to_build):
         h, m = f"{src}encoder.layers.{i}.", f"{dst}encoder.layers.{i}."
-        for p in ("weight", "bias"):
+        for p in ("weight", "bias") if vision.qkv_bias else ("weight",):
             q, k, v = _take(hf, h + f"self_attn.qkv.{p}").chunk(3, 0)
             out[m + f"self_attention.linear_qkv.{p}"] = fuse_qkv(q, k, v, heads, heads)
+        for p in ("weight", "bias"):
             out[m + f"self_attention.linear_proj.{p}"] = _take(hf, h + f"self_attn.projection.{p}")
             out[m + f"input_layernorm.{p}"] = _take(hf, h + f"layer_norm1.{p}")
             out[m + f"pre_mlp_layernorm.{p}"] = _take(hf, h + f"layer_norm2.{p}")
@@ -184,8 +215,9 @@ def blip_vision_to_hf(full: dict, src: str, hf: dict, dst: str, vision: VisionCo
     heads = vision.num_heads
     for i in range(vision.layers_to_build):
         m, h = f"{src}encoder.layers.{i}.", f"{dst}encoder.layers.{i}."
-        for p in ("weight", "bias"):
+        for p in ("weight", "bias") if vision.qkv_bias else ("weight",):
             hf[h + f"self_attn.qkv.{p}"] = torch.cat(split_qkv(full[m + f"self_attention.linear_qkv.{p}"], heads, heads))
+        for p in ("weight", "bias"):
             hf[h + f"self_attn.projection.{p}"] = full[m + f"self_attention.linear_proj.{p}"]
             hf[h + f"layer_norm1.{p}"] = full[m + f"input_layernorm.{p}"]
             hf[h + f"layer_norm2.{p}"] = full[m + f"pre_mlp_layernorm.{p}"]
@@ -300,6 +332,8 @@ def opt_to_hf(full: dict, src: str, hf: dict, dst: str, head: str, lang: Languag
 
 
 def opt_config_from_hf(text: dict) -> LanguageConfig:
+    check_supported("text_config", text, {"enable_bias": (True,), "layer_norm_elementwise_affine": (True,),
+                                          "_remove_final_layer_norm": (False,)})
     if not text.get("do_layer_norm_before", True):
         raise ValueError("OPT with do_layer_norm_before: false (opt-350m) is not supported")
     if text.get("word_embed_proj_dim", text["hidden_size"]) != text["hidden_size"]:

@@ -2,30 +2,71 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 SHARD_BYTES = 4 * 1024**3
 
 
-def read_hf_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config.json as a dict, every tensor of every *.safetensors file in the directory)."""
+class LazyHFState(Mapping):
+    """An HF checkpoint's tensors by name, read from its safetensors files one tensor at a time
+    when asked for (memory-mapped; nothing is held here), each cast to ``dtype`` on its own: a bf16
+    checkpoint loaded in fp32 never has both full copies in memory."""
+
+    def __init__(self, files: dict[str, Path], dtype: torch.dtype | None = None):
+        self._files, self._dtype = files, dtype
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        file = self._files[key]
+        with safe_open(str(file), framework="pt") as f:
+            tensor = f.get_tensor(key)
+        if self._dtype is not None and tensor.is_floating_point() and tensor.dtype != self._dtype:
+            tensor = tensor.to(self._dtype)
+        return tensor
+
+    def __iter__(self):
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+def _tensor_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> its file: from model.safetensors.index.json when there is one (and every
+    file it names must exist), else from every *.safetensors file in the directory."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no 'weight_map'")
+        missing = sorted({name for name in weight_map.values() if not (path / name).is_file()})
+        if missing:
+            raise FileNotFoundError(f"{index} names shard(s) that do not exist: {missing}")
+        return {key: path / name for key, name in weight_map.items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path} (pytorch_model.bin checkpoints are not read)")
+    out: dict[str, Path] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if key in out:
+                    raise ValueError(f"tensor {key!r} appears in two files of {path}: {out[key].name} and {file.name}")
+                out[key] = file
+    return out
+
+
+def read_hf_dir(path: str | Path, dtype: torch.dtype | None = None) -> tuple[dict, LazyHFState]:
+    """(config.json as a dict, the checkpoint's tensors, read lazily and cast to ``dtype`` if given)."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} does not exist: expected an HF checkpoint directory")
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {path} (pytorch_model.bin checkpoints are not read)")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        for key, tensor in load_file(str(file)).items():
-            if key in state:
-                raise ValueError(f"tensor {key!r} appears in two files of {path}")
-            state[key] = tensor
-    return json.loads(config_file.read_text()), state
+    return json.loads(config_file.read_text()), LazyHFState(_tensor_files(path), dtype)
 
 
 def write_hf_dir(path: str | Path, config: dict, state: dict[str, torch.Tensor], max_shard_bytes: int = SHARD_BYTES) -> None:

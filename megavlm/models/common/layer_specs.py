@@ -98,17 +98,21 @@ def encoder_layer_spec(impl: str) -> ModuleSpec:
 
 def vision_layer_spec(model_cfg) -> ModuleSpec:
     """The ViT's layer: CLIP's, or InternViT's with full-width QK-norm and LayerScale
-    (models/internvl/vision.py) when the vision config asks for them."""
+    (models/internvl/vision.py) when the vision config asks for them; a bias-free QKV projection
+    when ``vision.qkv_bias`` is off."""
     vision, impl = model_cfg.vision, model_cfg.transformer_impl
     spec = encoder_layer_spec(impl)
-    if not vision.qk_norm and vision.layer_scale is None:
+    if not vision.qk_norm and vision.layer_scale is None and vision.qkv_bias:
         return spec
-    from megavlm.models.internvl.vision import FullWidthRMSNorm, layer_scaled
+    from megavlm.models.internvl.vision import FullWidthRMSNorm
 
     spec = copy.deepcopy(spec)
     attention, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
+    if not vision.qkv_bias:
+        attention.linear_qkv = _bias_free(_module_of(attention.linear_qkv))
     if vision.qk_norm:
-        attention.q_layernorm = attention.k_layernorm = FullWidthRMSNorm
+        attention.q_layernorm = attention.k_layernorm = ModuleSpec(module=FullWidthRMSNorm,
+                                                                   params={"real_heads": vision.num_heads})
     if vision.layer_scale is not None:
         params = {"layer_scale_init": vision.layer_scale}
         attention.linear_proj = ModuleSpec(module=_layer_scaled(_module_of(attention.linear_proj)), params=params)
@@ -125,6 +129,19 @@ def _layer_scaled(row_parallel_cls: type) -> type:
     from megavlm.models.internvl.vision import layer_scaled
 
     return layer_scaled(row_parallel_cls)
+
+
+@functools.lru_cache(maxsize=None)
+def _bias_free(linear_cls: type) -> type:
+    """``linear_cls`` built without a bias whatever ``add_bias_linear`` says: megatron-core gives
+    the QKV projection a bias whenever the other linears have one."""
+
+    class BiasFree(linear_cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **dict(kwargs, bias=False))
+
+    BiasFree.__name__ = BiasFree.__qualname__ = f"BiasFree{linear_cls.__name__}"
+    return BiasFree
 
 
 def norm_spec(impl: str):

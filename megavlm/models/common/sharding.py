@@ -40,6 +40,8 @@ class ShardingPlan:
     last_stage_layers: int | None = None
     # Other vocab-parallel tables and their true sizes, by key prefix (e.g. the Q-Former's).
     extra_vocab: dict[str, int] = field(default_factory=dict)
+    # Modules whole on every TP rank (vision.tensor_parallel: 1): never split
+    whole_prefixes: tuple[str, ...] = ()
     ranges: list[tuple[int, int]] = field(init=False)
 
     def __post_init__(self):
@@ -81,6 +83,8 @@ class ShardingPlan:
         return next((v for prefix, v in self.extra_vocab.items() if key.startswith(prefix)), self.vocab_size)
 
     def _rule(self, key: str) -> str:
+        if key.startswith(self.whole_prefixes):
+            return "replicated"
         if ".lora." in key:
             return "column" if _LORA_COLUMN.search(key) else "row" if _LORA_ROW.search(key) else "replicated"
         if _VOCAB.search(key):
@@ -126,9 +130,14 @@ class ShardingPlan:
 
     # ---- whole state dicts --------------------------------------------------------------
     def shard(self, full: dict[str, torch.Tensor], tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
-        """The local state dict of process (tp_rank, pp_rank)."""
-        return {self.local_key(k, pp_rank): self.split(k, v, tp_rank).clone()
-                for k, v in full.items() if pp_rank in self.stages_of(k)}
+        """The local state dict of process (tp_rank, pp_rank). A TP slice is copied out of the
+        full tensor (so the full one can be freed); a whole tensor is passed on, not copied."""
+        local = {}
+        for key, tensor in full.items():
+            if pp_rank in self.stages_of(key):
+                part = self.split(key, tensor, tp_rank)
+                local[self.local_key(key, pp_rank)] = part if part is tensor else part.clone()
+        return local
 
     def unshard(self, shards: dict[tuple[int, int], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Merge every process's local state dict, keyed by (tp_rank, pp_rank), into the full one."""
@@ -154,6 +163,20 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, 
     k = k.reshape(num_groups, 1, head_dim, *rest)
     v = v.reshape(num_groups, 1, head_dim, *rest)
     return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+
+def pad_heads(tensor: torch.Tensor, heads: int, padded: int, dim: int = 0) -> torch.Tensor:
+    """Append zero dummy heads along ``dim`` (head-major, like HF's q/k/v rows and o_proj columns)."""
+    if padded == heads:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = shape[dim] // heads * (padded - heads)
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim)
+
+
+def strip_heads(tensor: torch.Tensor, heads: int, padded: int, dim: int = 0) -> torch.Tensor:
+    """Inverse of pad_heads: the real heads' part."""
+    return tensor.narrow(dim, 0, tensor.shape[dim] // padded * heads)
 
 
 def fuse_kv(k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:

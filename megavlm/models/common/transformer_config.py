@@ -82,7 +82,7 @@ def vision_transformer_config(model: ModelConfig, parallel: ParallelConfig, dtyp
     return TransformerConfig(
         num_layers=vis.layers_to_build,
         hidden_size=vis.hidden_size,
-        num_attention_heads=vis.num_heads,
+        num_attention_heads=vis.built_heads,   # dummy heads included: they keep the real head size
         ffn_hidden_size=vis.ffn_hidden_size,
         kv_channels=vis.hidden_size // vis.num_heads,
         normalization=vis.normalization,

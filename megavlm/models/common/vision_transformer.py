@@ -104,6 +104,11 @@ def build_vision_tower(model, parallel, pg_collection=None, dtype: torch.dtype =
     from megavlm.models.common.tags import tag_component
     from megavlm.models.common.transformer_config import vision_transformer_config
 
+    if model.vision.tensor_parallel == 1 and pg_collection is not None:
+        from megavlm.models.common.replicated import build_replicated
+
+        return tag_component(build_replicated(VisionTransformer, model, parallel, pg_collection, dtype, recompute,
+                                              vision_layer_spec(model), norm_spec(model.transformer_impl)), "vision")
     config = vision_transformer_config(model, parallel, dtype, recompute)
     impl = model.transformer_impl
     spec = block_spec(vision_layer_spec(model), impl, config)

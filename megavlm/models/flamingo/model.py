@@ -50,8 +50,18 @@ class FlamingoModel(LanguageModelHost):
         self.vision = self.resampler = None
         if pre_process:
             self.vision = build_vision_tower(model, parallel, pg_collection, dtype, recompute)
-            self.resampler = tag_component(PerceiverResampler(model.flamingo, resampler_transformer_config(model, parallel, dtype),
-                                                              width, tp_group), "connector")
+            if not model.flamingo.use_resampler:
+                resampler = None
+            elif model.connector.tensor_parallel == 1:
+                from megavlm.models.common.replicated import build_whole, whole_parallel
+
+                resampler = build_whole(PerceiverResampler, pg_collection, model.flamingo,
+                                        resampler_transformer_config(model, whole_parallel(parallel), dtype), width,
+                                        pg_collection.solo)
+            else:
+                resampler = PerceiverResampler(model.flamingo, resampler_transformer_config(model, parallel, dtype),
+                                               width, tp_group)
+            self.resampler = tag_component(resampler, "connector") if resampler is not None else None
         spec = fusion_layer_spec(decoder_layer_spec(model.transformer_impl),
                                  Fusion(model.flamingo, width, model.language.num_layers))
         language_model = build_language_model(model.language, lm_config, model.transformer_impl, pg_collection,
@@ -61,7 +71,7 @@ class FlamingoModel(LanguageModelHost):
         for layer in self.language_model.decoder.layers:
             if layer.gated_xattn is not None:
                 tag_component(layer.gated_xattn, "fusion")
-        latent_values = model.flamingo.max_media * model.flamingo.num_latents * width
+        latent_values = model.flamingo.max_media * model.media_tokens * width
         self.pipeline_extra_rows = math.ceil(latent_values / model.language.hidden_size) if self.pipelined else 0
         self._received = None
 
@@ -78,14 +88,14 @@ class FlamingoModel(LanguageModelHost):
             raise ValueError(f"a sample has {most} images; flamingo.max_media is {f.max_media}")
         slots = f.max_media if self.pipelined else max(most, 1)
         dtype = self.language_model.embedding.word_embeddings.weight.dtype
-        out = torch.zeros(batch, slots, f.num_latents, width, dtype=dtype, device=images_per_sample.device)
+        out = torch.zeros(batch, slots, self.model_config.media_tokens, width, dtype=dtype, device=images_per_sample.device)
         if images is None or images.shape[0] == 0:
             return out + zero_gradient_anchor(self.vision, self.resampler)
         frames = images.dim() == 5
         features = run_frozen_aware(self.vision, images.flatten(0, 1) if frames else images)
         if frames:
             features = features.view(*images.shape[:2], *features.shape[1:])
-        latents = self.resampler(features)
+        latents = self.resampler(features) if self.resampler is not None else features
         sample = torch.repeat_interleave(torch.arange(batch, device=out.device), images_per_sample)
         first = torch.cumsum(images_per_sample, 0) - images_per_sample
         slot = torch.arange(latents.shape[0], device=out.device) - first[sample]
@@ -102,7 +112,8 @@ class FlamingoModel(LanguageModelHost):
     def _unpack(self, rows: torch.Tensor) -> torch.Tensor:
         f, width = self.flamingo, self.model_config.vision.hidden_size
         flat = rows.transpose(0, 1).reshape(rows.shape[1], -1)
-        return flat[:, : f.max_media * f.num_latents * width].view(rows.shape[1], f.max_media, f.num_latents, width)
+        tokens = self.model_config.media_tokens
+        return flat[:, : f.max_media * tokens * width].view(rows.shape[1], f.max_media, tokens, width)
 
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, images=None, images_per_sample=None, position_ids=None,
@@ -124,7 +135,7 @@ class FlamingoModel(LanguageModelHost):
             self.language_model.set_input_tensor(received[:seq])
             decoder_input = None
         cu_seqlens = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
-        mask = media_mask(input_ids, images_per_sample, cfg.image_token_id, latents.shape[1], self.flamingo.num_latents,
+        mask = media_mask(input_ids, images_per_sample, cfg.image_token_id, latents.shape[1], cfg.media_tokens,
                           self.flamingo.media_attention == "all_previous", cu_seqlens)
         context = latents.flatten(1, 2).transpose(0, 1)                     # [slots * latents, b, width]
         output = self.language_model(input_ids=None, position_ids=None, attention_mask=attention_mask,

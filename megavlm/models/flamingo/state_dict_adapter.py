@@ -28,15 +28,19 @@ def _take(hf: dict, key: str) -> torch.Tensor:
 class FlamingoStateDictAdapter(ShardedAdapter):
     # megavlm tensors without an IDEFICS counterpart: frame embeddings (video / multi-frame media)
     not_in_hf = ("resampler.frame_embeddings",)
+    hf_decoder_layers = "model.layers"
 
     def __init__(self, model: ModelConfig, tp_size: int = 1, pp_size: int = 1, first_stage_layers=None,
                  last_stage_layers=None):
         self.model = model
-        self.plan = ShardingPlan(tp_size=tp_size, pp_size=pp_size, num_layers=model.language.num_layers,
-                                 vocab_size=model.language.vocab_size, first_stage_layers=first_stage_layers,
-                                 last_stage_layers=last_stage_layers,
-                                 first_stage_prefixes=("vision.", "resampler.", "language_model.embedding."),
-                                 gated_prefixes=("language_model.",))
+        self.plan = ShardingPlan(
+            whole_prefixes=(("vision.",) if model.vision.tensor_parallel == 1 else ())
+            + (("resampler.",) if model.connector.tensor_parallel == 1 else ()),
+            tp_size=tp_size, pp_size=pp_size, num_layers=model.language.num_layers,
+            vocab_size=model.language.vocab_size, first_stage_layers=first_stage_layers,
+            last_stage_layers=last_stage_layers,
+            first_stage_prefixes=("vision.", "resampler.", "language_model.embedding."),
+            gated_prefixes=("language_model.",))
 
     # ---- full (unsharded) form ----------------------------------------------------------
     def _blocks(self):
@@ -48,7 +52,8 @@ class FlamingoStateDictAdapter(ShardedAdapter):
     def hf_to_full(self, hf: dict) -> dict:
         m, f, full = self.model, self.model.flamingo, {}
         hf_blocks.clip_vision_to_megavlm(hf, VISION, full, "vision.", m.vision)
-        self._resampler_to_full(hf, full)
+        if m.flamingo.use_resampler:
+            self._resampler_to_full(hf, full)
         joined = dict(hf)
         for key, extra in ((EMBED + "weight", EMBED + "additional_embedding.weight"),
                            (HEAD + "weight", HEAD + "additional_fc.weight")):
@@ -93,21 +98,8 @@ class FlamingoStateDictAdapter(ShardedAdapter):
     def full_to_hf(self, full: dict) -> dict:
         m, f, hf = self.model, self.model.flamingo, {}
         hf_blocks.clip_vision_to_hf(full, "vision.", hf, VISION, m.vision)
-        hf[RESAMPLER + "latents"] = full["resampler.latents"]
-        for p in ("weight", "bias"):
-            hf[RESAMPLER + f"layer_norm.{p}"] = full[f"resampler.final_norm.{p}"]
-        for i in range(f.resampler_depth):
-            attn, ffn, ours = f"{RESAMPLER}blocks.{i}.0.", f"{RESAMPLER}blocks.{i}.1.", f"resampler.layers.{i}."
-            for p in ("weight", "bias"):
-                hf[attn + f"context_layer_norm.{p}"] = full[ours + f"context_norm.{p}"]
-                hf[attn + f"latents_layer_norm.{p}"] = full[ours + f"latents_norm.{p}"]
-                hf[ffn + f"ln.{p}"] = full[ours + f"mlp_norm.{p}"]
-            hf[attn + "q_proj.weight"] = full[ours + "attention.linear_q.weight"]
-            hf[attn + "k_proj.weight"], hf[attn + "v_proj.weight"] = split_kv(full[ours + "attention.linear_kv.weight"],
-                                                                              f.resampler_heads)
-            hf[attn + "output_proj.weight"] = full[ours + "attention.linear_proj.weight"]
-            hf[ffn + "fc.weight"] = full[ours + "linear_fc1.weight"]
-            hf[ffn + "c_proj.weight"] = full[ours + "linear_fc2.weight"]
+        if f.use_resampler:
+            self._resampler_to_hf(full, hf)
         hf_blocks.llama_to_hf(full, "language_model.", hf, "model.", HEAD + "weight", m.language)
         if f.hf_additional_vocab:
             keep = m.language.vocab_size - f.hf_additional_vocab
@@ -153,6 +145,24 @@ class FlamingoStateDictAdapter(ShardedAdapter):
                     full[key] = _pad_rows(full[key], self.model.language.vocab_size, key)
         return self.plan.shard(full, tp_rank, pp_rank)
 
+    def _resampler_to_hf(self, full: dict, hf: dict) -> None:
+        f = self.model.flamingo
+        hf[RESAMPLER + "latents"] = full["resampler.latents"]
+        for p in ("weight", "bias"):
+            hf[RESAMPLER + f"layer_norm.{p}"] = full[f"resampler.final_norm.{p}"]
+        for i in range(f.resampler_depth):
+            attn, ffn, ours = f"{RESAMPLER}blocks.{i}.0.", f"{RESAMPLER}blocks.{i}.1.", f"resampler.layers.{i}."
+            for p in ("weight", "bias"):
+                hf[attn + f"context_layer_norm.{p}"] = full[ours + f"context_norm.{p}"]
+                hf[attn + f"latents_layer_norm.{p}"] = full[ours + f"latents_norm.{p}"]
+                hf[ffn + f"ln.{p}"] = full[ours + f"mlp_norm.{p}"]
+            hf[attn + "q_proj.weight"] = full[ours + "attention.linear_q.weight"]
+            hf[attn + "k_proj.weight"], hf[attn + "v_proj.weight"] = split_kv(full[ours + "attention.linear_kv.weight"],
+                                                                              f.resampler_heads)
+            hf[attn + "output_proj.weight"] = full[ours + "attention.linear_proj.weight"]
+            hf[ffn + "fc.weight"] = full[ours + "linear_fc1.weight"]
+            hf[ffn + "c_proj.weight"] = full[ours + "linear_fc2.weight"]
+
     def unused_hf_keys(self, hf: dict) -> list[str]:
         """HF tensors megavlm does not hold: the ViT's final norm (IDEFICS never uses it)."""
         used = set(self.full_to_hf(self.hf_to_full(hf)))
@@ -161,12 +171,11 @@ class FlamingoStateDictAdapter(ShardedAdapter):
 
 def config_from_hf(hf_config: dict, flavor: str = "hf") -> ModelConfig:
     vis, per = hf_config["vision_config"], hf_config.get("perceiver_config") or {}
-    if not hf_config.get("use_resampler", False):
-        raise ValueError("IDEFICS without the Perceiver resampler (use_resampler: false) is not supported")
     if hf_config.get("qk_layer_norms") or per.get("qk_layer_norms_perceiver"):
         raise ValueError("IDEFICS with qk_layer_norms is not supported")
     additional = int(hf_config.get("additional_vocab_size", 0))
-    language = hf_blocks.llama_config_from_hf(dict(hf_config, vocab_size=hf_config["vocab_size"] + additional))
+    language = hf_blocks.llama_config_from_hf(dict(hf_config, vocab_size=hf_config["vocab_size"] + additional),
+                                              section="config")
     vision = VisionConfig(
         image_size=vis["image_size"], patch_size=vis["patch_size"], hidden_size=vis["embed_dim"],
         num_layers=vis["num_hidden_layers"], num_heads=vis["num_attention_heads"], ffn_hidden_size=vis["intermediate_size"],
@@ -177,7 +186,8 @@ def config_from_hf(hf_config: dict, flavor: str = "hf") -> ModelConfig:
         resampler_heads=per.get("resampler_n_heads", 16), resampler_head_dim=per.get("resampler_head_dim", 96),
         cross_attention_interval=hf_config.get("cross_layer_interval", 1), gate_type=hf_config.get("alpha_type", "float"),
         hf_additional_vocab=additional, max_media=hf_config.get("megavlm_max_media", 5),
-        media_attention=hf_config.get("megavlm_media_attention", "most_recent"))
+        media_attention=hf_config.get("megavlm_media_attention", "most_recent"),
+        use_resampler=bool(hf_config.get("use_resampler", False)))
     image_token = hf_config.get("image_token_id")
     return ModelConfig(family="flamingo", flavor=flavor, connector=ConnectorConfig(type="perceiver"), vision=vision,
                        language=language, flamingo=flamingo,
@@ -203,7 +213,7 @@ def config_to_hf(model: ModelConfig) -> dict:
     return dict(
         text, model_type="idefics", architectures=[ARCHITECTURE], vocab_size=lang.vocab_size - f.hf_additional_vocab,
         additional_vocab_size=f.hf_additional_vocab, cross_layer_interval=f.cross_attention_interval,
-        alpha_initializer="zeros", alpha_type=f.gate_type, qk_layer_norms=False, use_resampler=True,
+        alpha_initializer="zeros", alpha_type=f.gate_type, qk_layer_norms=False, use_resampler=f.use_resampler,
         image_token_id=model.image_token_id,
         # how megavlm builds the media mask IDEFICS receives as image_attention_mask (kept for the way back)
         megavlm_max_media=f.max_media, megavlm_media_attention=f.media_attention,
@@ -211,7 +221,7 @@ def config_to_hf(model: ModelConfig) -> dict:
                        "patch_size": v.patch_size, "num_hidden_layers": v.num_layers,
                        "num_attention_heads": v.num_heads, "intermediate_size": v.ffn_hidden_size,
                        "hidden_act": v.activation, "layer_norm_eps": v.norm_eps},
-        perceiver_config={"model_type": "idefics_perciever", "use_resampler": True,
+        perceiver_config={"model_type": "idefics_perciever", "use_resampler": f.use_resampler,
                           "resampler_n_latents": f.num_latents, "resampler_depth": f.resampler_depth,
                           "resampler_n_heads": f.resampler_heads, "resampler_head_dim": f.resampler_head_dim,
                           "qk_layer_norms_perceiver": False})

@@ -10,7 +10,7 @@ import torch
 from megavlm.config.model import ConnectorConfig, ModelConfig, VisionConfig
 from megavlm.models.common import hf_blocks
 from megavlm.models.common.hf_blocks import _take
-from megavlm.models.common.sharding import fuse_qkv, split_qkv
+from megavlm.models.common.sharding import fuse_qkv, pad_heads, split_qkv, strip_heads
 from megavlm.models.llava.state_dict_adapter import LlavaStateDictAdapter, normalize_hf_names
 
 VISION, PROJECTOR, LLM, HEAD = "model.vision_tower.", "model.multi_modal_projector.", "model.language_model.", "lm_head.weight"
@@ -27,8 +27,14 @@ def _norm_params(vision: VisionConfig) -> tuple[str, ...]:
     return ("weight",) if vision.normalization == "RMSNorm" else ("weight", "bias")
 
 
-def internvit_to_megavlm(hf: dict, src: str, out: dict, dst: str, vision: VisionConfig, qkv_bias: bool = True) -> None:
-    hidden, heads = vision.hidden_size, vision.num_heads
+def _qkv_params(vision: VisionConfig) -> tuple[str, ...]:
+    return ("weight", "bias") if vision.qkv_bias else ("weight",)
+
+
+def internvit_to_megavlm(hf: dict, src: str, out: dict, dst: str, vision: VisionConfig) -> None:
+    """With ``vision.padded_heads``, zero dummy heads are appended to q/k/v, the QK-norm weights and
+    the output projection's input columns."""
+    hidden, heads, padded = vision.hidden_size, vision.num_heads, vision.built_heads
     out[dst + "patch_embed.weight"] = _take(hf, src + "embeddings.patch_embeddings.projection.weight")
     out[dst + "patch_embed.bias"] = _take(hf, src + "embeddings.patch_embeddings.projection.bias")
     out[dst + "class_token"] = _take(hf, src + "embeddings.cls_token").reshape(hidden)
@@ -39,14 +45,15 @@ def internvit_to_megavlm(hf: dict, src: str, out: dict, dst: str, vision: Vision
             params = _norm_params(vision) if ours.endswith("layernorm") else ("weight", "bias")
             for p in params:
                 out[f"{m}{ours}.{p}"] = _take(hf, f"{h}{theirs}.{p}")
-        weights = [_take(hf, f"{h}attention.{x}_proj.weight") for x in "qkv"]
-        out[m + "self_attention.linear_qkv.weight"] = fuse_qkv(*weights, heads, heads)
-        # megatron-core's QKV always carries a bias when the other linears do: zeros stand in for none
-        biases = [hf[f"{h}attention.{x}_proj.bias"] if qkv_bias else torch.zeros_like(w[:, 0]) for x, w in zip("qkv", weights)]
-        out[m + "self_attention.linear_qkv.bias"] = fuse_qkv(*biases, heads, heads)
+        for p in _qkv_params(vision):
+            out[m + f"self_attention.linear_qkv.{p}"] = fuse_qkv(
+                *(pad_heads(_take(hf, f"{h}attention.{x}_proj.{p}"), heads, padded) for x in "qkv"), padded, padded)
+        proj = m + "self_attention.linear_proj.weight"
+        out[proj] = pad_heads(out[proj], heads, padded, dim=1)
         if vision.qk_norm:
-            out[m + "self_attention.q_layernorm.weight"] = _take(hf, h + "attention.q_norm.weight")
-            out[m + "self_attention.k_layernorm.weight"] = _take(hf, h + "attention.k_norm.weight")
+            for x in "qk":
+                out[m + f"self_attention.{x}_layernorm.weight"] = pad_heads(_take(hf, h + f"attention.{x}_norm.weight"),
+                                                                            heads, padded)
         out[m + "self_attention.linear_proj.layer_scale"] = _take(hf, h + "lambda_1")
         out[m + "mlp.linear_fc2.layer_scale"] = _take(hf, h + "lambda_2")
     if vision.post_norm:
@@ -55,7 +62,8 @@ def internvit_to_megavlm(hf: dict, src: str, out: dict, dst: str, vision: Vision
 
 
 def internvit_to_hf(full: dict, src: str, hf: dict, dst: str, vision: VisionConfig) -> None:
-    hidden, heads = vision.hidden_size, vision.num_heads
+    """Dummy heads (``vision.padded_heads``) are stripped."""
+    hidden, heads, padded = vision.hidden_size, vision.num_heads, vision.built_heads
     hf[dst + "embeddings.patch_embeddings.projection.weight"] = full[src + "patch_embed.weight"]
     hf[dst + "embeddings.patch_embeddings.projection.bias"] = full[src + "patch_embed.bias"]
     hf[dst + "embeddings.cls_token"] = full[src + "class_token"].reshape(1, 1, hidden)
@@ -66,12 +74,16 @@ def internvit_to_hf(full: dict, src: str, hf: dict, dst: str, vision: VisionConf
             params = _norm_params(vision) if ours.endswith("layernorm") else ("weight", "bias")
             for p in params:
                 hf[f"{h}{theirs}.{p}"] = full[f"{m}{ours}.{p}"]
-        for p in ("weight", "bias"):
-            q, k, v = split_qkv(full[m + f"self_attention.linear_qkv.{p}"], heads, heads)
-            hf[h + f"attention.q_proj.{p}"], hf[h + f"attention.k_proj.{p}"], hf[h + f"attention.v_proj.{p}"] = q, k, v
+        for p in _qkv_params(vision):
+            qkv = split_qkv(full[m + f"self_attention.linear_qkv.{p}"], padded, padded)
+            for x, t in zip("qkv", qkv):
+                hf[h + f"attention.{x}_proj.{p}"] = strip_heads(t, heads, padded)
+        proj = h + "attention.projection_layer.weight"
+        hf[proj] = strip_heads(hf[proj], heads, padded, dim=1)
         if vision.qk_norm:
-            hf[h + "attention.q_norm.weight"] = full[m + "self_attention.q_layernorm.weight"]
-            hf[h + "attention.k_norm.weight"] = full[m + "self_attention.k_layernorm.weight"]
+            for x in "qk":
+                hf[h + f"attention.{x}_norm.weight"] = strip_heads(full[m + f"self_attention.{x}_layernorm.weight"],
+                                                                   heads, padded)
         hf[h + "lambda_1"] = full[m + "self_attention.linear_proj.layer_scale"]
         hf[h + "lambda_2"] = full[m + "mlp.linear_fc2.layer_scale"]
     if vision.post_norm:
@@ -80,17 +92,12 @@ def internvit_to_hf(full: dict, src: str, hf: dict, dst: str, vision: VisionConf
 
 
 class InternVLStateDictAdapter(LlavaStateDictAdapter):
-    """The LLaVA adapter's sharding and TP/PP handling with InternVL's vision tower and projector.
-    ``qkv_bias=False`` (InternViT-6B-style towers): the HF checkpoint has no q/k/v biases."""
-
-    def __init__(self, model: ModelConfig, *args, qkv_bias: bool = True, **kwargs):
-        super().__init__(model, *args, **kwargs)
-        self.qkv_bias = qkv_bias
+    """The LLaVA adapter's sharding and TP/PP handling with InternVL's vision tower and projector."""
 
     def hf_to_full(self, hf: dict) -> dict:
         hf = normalize_hf_names(hf)  # on disk: "language_model.model.*", "vision_tower.*" (as LLaVA's)
         full: dict = {}
-        internvit_to_megavlm(hf, VISION, full, "vision.", self.model.vision, self.qkv_bias)
+        internvit_to_megavlm(hf, VISION, full, "vision.", self.model.vision)
         for p in ("weight", "bias"):
             full[f"connector.layer_norm.{p}"] = _take(hf, f"{PROJECTOR}layer_norm.{p}")
             for i in (1, 2):
@@ -112,7 +119,7 @@ class InternVLStateDictAdapter(LlavaStateDictAdapter):
         """``vision`` from a stand-alone HF ``InternVLVisionModel``, ``llm`` from a Qwen2/Llama checkpoint."""
         full: dict = {}
         if "vision" in sources:
-            internvit_to_megavlm(sources["vision"], "", full, "vision.", self.model.vision, self.qkv_bias)
+            internvit_to_megavlm(sources["vision"], "", full, "vision.", self.model.vision)
         if "llm" in sources:
             hf_blocks.llama_to_megavlm(sources["llm"], "model.", "lm_head.weight", full, "language_model.",
                                        self.model.language)
@@ -153,52 +160,29 @@ def config_from_hf(hf_config: dict, flavor: str = "hf") -> ModelConfig:
     for key, expected in (("projector_hidden_act", "gelu"),):
         if hf_config.get(key, expected) != expected:
             raise ValueError(f"{key}={hf_config[key]!r} is not supported (expected {expected!r})")
-    if vis.get("use_absolute_position_embeddings", True) is False or vis.get("use_mask_token", False):
-        raise ValueError("InternVL vision without absolute position embeddings (or with a mask token) is not supported")
+    hf_blocks.check_supported("vision_config", vis, {
+        "use_absolute_position_embeddings": (True,), "use_mask_token": (False,), "num_channels": (3,),
+        "norm_type": ("layer_norm", "rms_norm"), "hidden_act": ("gelu", "quick_gelu"),
+        "hidden_dropout_prob": (0, 0.0), "attention_dropout": (0, 0.0), "projection_dropout": (0, 0.0)})
     size, patch = vis.get("image_size", 448), vis.get("patch_size", 14)
     size = size[0] if isinstance(size, (list, tuple)) else size
     patch = patch[0] if isinstance(patch, (list, tuple)) else patch
     norm_type = vis.get("norm_type", "layer_norm")
+    if norm_type == "rms_norm" and vis.get("use_mean_pooling", True) is False and layer == -1:
+        raise ValueError("HF config field vision_config.use_mean_pooling=False with norm_type 'rms_norm' is not "
+                         "supported: HF's final norm is then a LayerNorm after RMSNorm layers")
     vision = VisionConfig(
         image_size=size, patch_size=patch, hidden_size=vis["hidden_size"], num_layers=vis["num_hidden_layers"],
         num_heads=vis["num_attention_heads"], ffn_hidden_size=vis["intermediate_size"],
-        activation=_vision_activation(vis.get("hidden_act", "gelu")), norm_eps=vis.get("layer_norm_eps", 1e-6),
+        activation=vis.get("hidden_act", "gelu"), norm_eps=vis.get("layer_norm_eps", 1e-6),
         pre_norm=False, patch_bias=True, feature_layer=layer,
         post_norm=not vis.get("use_mean_pooling", True) and layer == -1,
         normalization={"layer_norm": "LayerNorm", "rms_norm": "RMSNorm"}[norm_type],
-        qk_norm=bool(vis.get("use_qk_norm", False)), layer_scale=float(vis.get("layer_scale_init_value", 0.1)))
-    return ModelConfig(family="internvl", flavor=flavor, vision=vision, language=qwen2_config_from_hf(text),
+        qk_norm=bool(vis.get("use_qk_norm", False)), layer_scale=float(vis.get("layer_scale_init_value", 0.1)),
+        qkv_bias=bool(vis.get("attention_bias", False)))  # HF's default: InternViT-6B's bias-free q/k/v
+    return ModelConfig(family="internvl", flavor=flavor, vision=vision, language=hf_blocks.llama_config_from_hf(text),
                        connector=ConnectorConfig(type="pixel_shuffle_mlp"),
                        image_token_id=hf_config.get("image_token_id", 151667))
-
-
-def _vision_activation(act: str) -> str:
-    if act not in ("gelu", "quick_gelu"):
-        raise ValueError(f"InternVL vision hidden_act {act!r} is not supported (gelu or quick_gelu)")
-    return act
-
-
-def qwen2_config_from_hf(text: dict):
-    """Qwen2 is the Llama mapping with biases on q/k/v (always present in HF's Qwen2)."""
-    if text.get("model_type", "qwen2") not in ("qwen2", "llama"):
-        raise ValueError(f"InternVL text model_type {text.get('model_type')!r} is not supported (qwen2 or llama)")
-    lang = hf_blocks.llama_config_from_hf(text)
-    if text.get("model_type", "qwen2") == "qwen2":
-        lang.qkv_bias = True
-        if text.get("use_sliding_window"):
-            raise ValueError("Qwen2 sliding-window attention is not supported")
-    return lang
-
-
-def qwen2_config_to_hf(lang) -> dict:
-    config = hf_blocks.llama_config_to_hf(lang)
-    if not lang.qkv_bias:
-        return config  # a Llama decoder
-    config.update(model_type="qwen2", use_sliding_window=False, max_window_layers=lang.num_layers,
-                  layer_types=["full_attention"] * lang.num_layers)
-    for key in ("attention_bias", "mlp_bias"):
-        config.pop(key)
-    return config
 
 
 def config_to_hf(model: ModelConfig) -> dict:
@@ -207,6 +191,8 @@ def config_to_hf(model: ModelConfig) -> dict:
         raise ValueError("HF InternVL has a biased pixel_shuffle_mlp projector only")
     if vision.pre_norm or vision.layer_scale is None or not vision.class_token or vision.keep_class_token:
         raise ValueError("HF InternVL vision has LayerScale and a dropped class token and no ln_pre")
+    if vision.post_norm and vision.normalization == "RMSNorm":
+        raise ValueError("HF InternVL's final vision norm is a LayerNorm: vision.post_norm needs normalization LayerNorm")
     return {
         "model_type": "internvl", "architectures": [ARCHITECTURE],
         "vision_config": {
@@ -215,11 +201,11 @@ def config_to_hf(model: ModelConfig) -> dict:
             "intermediate_size": vision.ffn_hidden_size, "hidden_act": vision.activation,
             "layer_norm_eps": vision.norm_eps, "image_size": [vision.image_size] * 2,
             "patch_size": [vision.patch_size] * 2, "use_qk_norm": vision.qk_norm,
-            "layer_scale_init_value": vision.layer_scale, "attention_bias": True,
+            "layer_scale_init_value": vision.layer_scale, "attention_bias": vision.qkv_bias,
             "norm_type": "rms_norm" if vision.normalization == "RMSNorm" else "layer_norm",
             "use_mean_pooling": not vision.post_norm, "use_absolute_position_embeddings": True,
         },
-        "text_config": qwen2_config_to_hf(model.language),
+        "text_config": hf_blocks.llama_config_to_hf(model.language),
         "image_token_id": model.image_token_id, "image_seq_length": model.image_tokens,
         "downsample_ratio": 0.5, "projector_hidden_act": "gelu",
         # the exported tower holds the layers megavlm built: the features are its last layer's

@@ -39,13 +39,16 @@ class FullWidthRMSNorm(torch.nn.Module):
     """RMSNorm over all attention heads' channels of q or k, [s, b, heads/TP, head_dim] in and
     out. The weight is split by heads like the projection it follows."""
 
-    def __init__(self, config, hidden_size: int, eps: float = QK_NORM_EPS):
+    def __init__(self, config, hidden_size: int, eps: float = QK_NORM_EPS, real_heads: int | None = None):
         super().__init__()
         del hidden_size, eps  # megatron-core passes the per-head size and the layer-norm eps
-        tp = config.tensor_model_parallel_size
-        self.full_width = config.num_attention_heads * config.kv_channels
+        tp = self.tp_size = config.tensor_model_parallel_size  # 1 for a ViT kept whole on every rank
+        # Dummy heads (padding for TP) hold zeros: they add nothing to the sum of squares, and the
+        # mean is over the real heads' channels only
+        self.full_width = (real_heads or config.num_attention_heads) * config.kv_channels
+        width = config.num_attention_heads * config.kv_channels
         self.eps = QK_NORM_EPS
-        self.weight = torch.nn.Parameter(torch.ones(self.full_width // tp, dtype=config.params_dtype))
+        self.weight = torch.nn.Parameter(torch.ones(width // tp, dtype=config.params_dtype))
         self.weight.tensor_model_parallel, self.weight.partition_dim, self.weight.partition_stride = True, 0, 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +57,7 @@ class FullWidthRMSNorm(torch.nn.Module):
         dtype = x.dtype
         xf = x.float()
         sum_sq = xf.pow(2).sum(dim=(-2, -1), keepdim=True)
-        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        if self.tp_size > 1:
             sum_sq = _AllReduceSum.apply(sum_sq, parallel_state.get_tensor_model_parallel_group())
         normed = xf * torch.rsqrt(sum_sq / self.full_width + self.eps)
         return self.weight.view(x.shape[-2], x.shape[-1]) * normed.to(dtype)

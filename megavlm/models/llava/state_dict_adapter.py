@@ -36,14 +36,17 @@ def normalize_hf_names(hf: dict) -> dict:
 
 class LlavaStateDictAdapter(ShardedAdapter):
     not_in_hf: tuple[str, ...] = ()
+    hf_decoder_layers = LLM + "layers"
 
     def __init__(self, model: ModelConfig, tp_size: int = 1, pp_size: int = 1, first_stage_layers=None,
                  last_stage_layers=None):
         self.model = model
-        self.plan = ShardingPlan(tp_size=tp_size, pp_size=pp_size, num_layers=model.language.num_layers,
-                                 vocab_size=model.language.vocab_size, first_stage_layers=first_stage_layers,
-                                 last_stage_layers=last_stage_layers,
-                                 gated_prefixes=("language_model.",) if model.language.activation == "swiglu" else ())
+        self.plan = ShardingPlan(
+            whole_prefixes=("vision.",) if model.vision.tensor_parallel == 1 else (),
+            tp_size=tp_size, pp_size=pp_size, num_layers=model.language.num_layers,
+            vocab_size=model.language.vocab_size, first_stage_layers=first_stage_layers,
+            last_stage_layers=last_stage_layers,
+            gated_prefixes=("language_model.",) if model.language.activation == "swiglu" else ())
 
     # ---- full (unsharded) form ----------------------------------------------------------
     def hf_to_full(self, hf: dict) -> dict:
