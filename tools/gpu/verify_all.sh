@@ -53,15 +53,17 @@ if [ "$MODE" = dry ]; then
 fi
 
 PY=${PYTHON:-python3}
-"$PY" tools/gpu/carry.py stash --checkout . --parts "$PARTS" --manifest "$MANIFEST"
-[ "$MODE" = stash ] && exit 0
-
+if [ "$MODE" = stash ]; then
+  exec "$PY" tools/gpu/carry.py stash --checkout . --parts "$PARTS" --manifest "$MANIFEST"
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv || true
 if [ -z "${SKIP_WHEELS:-}" ]; then
-  "$PY" tools/gpu/carry.py install --manifest "$MANIFEST" --parts "$PARTS" --joined /tmp/wheels-joined --target "$SITE"
+  ENV_LINE=$(TARGET=$SITE VERIFY_PARTS=$PARTS bash tools/gpu/setup_gpu_env.sh)   # fails the script if it fails
+  eval "$ENV_LINE"
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+  [ -e megavlm/kernels ] || ln -s ../kernels megavlm/kernels
 fi
-export PYTHONPATH=$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-# megavlm.kernels lives in kernels/ (setup.py maps it); a source checkout needs the link
-[ -e megavlm/kernels ] || ln -s ../kernels megavlm/kernels
+export PYTHONUNBUFFERED=1
 echo "setup took $(( $(date +%s) - STARTED )) s"
 exec "$PY" tools/gpu/verify_all.py --started "$STARTED" "${PYARGS[@]}"
