@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# On the lent GPU machine (Python 3.12, torch 2.11 preinstalled, no megatron-core): install the
-# carried megatron-core wheel without dependencies (torch stays the machine's) and make megavlm
-# importable from the checkout. Fetch the wheel beforehand on the CPU machine with
-#   bash tools/gpu/fetch_wheels.sh          (writes the git-ignored wheels/ folder)
-# and carry wheels/ with the device call.
+# On the lent GPU machine (Python 3.12, torch 2.11 preinstalled; no megatron-core, no Transformer
+# Engine): gather the carried parts folders, join and sha256-check the wheels, install them with
+# --no-deps into a target folder (torch stays the machine's), make megavlm importable from the
+# checkout, and print the export line:
+#     eval "$(bash tools/gpu/setup_gpu_env.sh)"
+# Prepare on the CPU side with `bash tools/gpu/fetch_wheels.sh` and carry what wheels/manifest.json's
+# "calls" say (tools/gpu/verify_all.sh does all of this itself).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-TARGET=${TARGET:-/tmp/megavlm-deps}
+PY=${PYTHON:-python3}
+TARGET=${TARGET:-/tmp/megavlm-site}
+PARTS=${VERIFY_PARTS:-/tmp/parts}
+"$PY" tools/gpu/carry.py stash --checkout . --parts "$PARTS" --manifest wheels/manifest.json >&2
 if [ ! -d "$TARGET/megatron" ]; then
-  python -m pip install --quiet --no-deps --target "$TARGET" wheels/megatron_core-0.16.1-cp312-*.whl
+  "$PY" tools/gpu/carry.py install --manifest wheels/manifest.json --parts "$PARTS" --joined /tmp/wheels-joined \
+    --target "$TARGET" >&2
 fi
-python - <<'PY'
-import pathlib, sysconfig
-# megavlm.kernels lives in kernels/ (setup.py maps it); mirror that for a source checkout.
-link = pathlib.Path("megavlm/kernels")
-if not link.exists():
-    link.symlink_to(pathlib.Path("../kernels"))
-PY
-echo "export PYTHONPATH=$TARGET:$PWD"
+# megavlm.kernels lives in kernels/ (setup.py maps it); a source checkout needs the link
+[ -e megavlm/kernels ] || ln -s ../kernels megavlm/kernels
+echo "export PYTHONPATH=$TARGET:$PWD${PYTHONPATH:+:$PYTHONPATH}"
