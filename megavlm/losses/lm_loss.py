@@ -105,12 +105,13 @@ class LogitsHead:
         """Cross-entropy of the supervised rows only (image tokens and prompts carry no label:
         most of a stage-1 sequence), gathered first so the softmax never runs on the rest."""
         mask = labels != IGNORE_INDEX
-        rows = mask.reshape(-1).nonzero().squeeze(1)
-        if rows.numel() == 0:  # keeps the graph (and the pipeline's backward) intact
-            return output.sum() * 0.0, mask.sum()
-        picked = output.reshape(-1, output.shape[-1]).index_select(0, rows)
-        losses = self.cross_entropy(picked, labels.reshape(-1).index_select(0, rows), self.vocab_size, self.tp_group)
-        return losses.sum(), mask.sum()
+        count = mask.sum()
+        if not bool(count):  # keeps the graph (and the pipeline's backward) intact
+            return output.sum() * 0.0, count
+        flat = mask.reshape(-1)
+        picked = output.reshape(-1, output.shape[-1])[flat]
+        losses = self.cross_entropy(picked, labels.reshape(-1)[flat], self.vocab_size, self.tp_group)
+        return losses.sum(), count
 
 
 class FusedLinearHead:

@@ -5,7 +5,10 @@ When ``grad_output`` is a transposed view — the output layer's gradient always
 returns ``logits.transpose(0, 1).contiguous()`` — torch cannot fold it into one matrix and runs a
 batched matmul over an expanded weight: on CPU that one op cost more than the rest of a LLaVA
 stage-1 step. Here the gradient is viewed as [tokens, out] in whichever of its two leading orders
-is contiguous (a copy only when neither is), so dgrad is always one GEMM.
+is contiguous (a copy only when neither is), so dgrad is always one GEMM. A trainable weight goes
+through megatron-core's own function, which copies the gradient to a contiguous one for its
+weight-gradient GEMM anyway: making it contiguous before that function sees it lets the input
+gradient use the same copy.
 """
 from __future__ import annotations
 
@@ -52,8 +55,25 @@ def frozen_weight_linear(input_, weight, bias, gradient_accumulation_fusion, all
     return _FrozenWeightLinear.apply(input_, weight, bias, allreduce_dgrad, tp_group)
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 class ColumnLinear(ColumnParallelLinear):
-    """ColumnParallelLinear whose frozen-weight backward is one GEMM."""
+    """ColumnParallelLinear whose input gradient is one GEMM, frozen weight or not."""
+
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        output, bias = super().forward(input_, weight=weight, runtime_gather_output=runtime_gather_output)
+        used = weight if weight is not None else self.weight
+        if used is not None and used.requires_grad and torch.is_grad_enabled():
+            output = _ContiguousGrad.apply(output)
+        return output, bias
 
     def _forward_impl(self, input, weight, *args, **kwargs):
         if not weight.requires_grad:
