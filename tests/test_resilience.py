@@ -122,8 +122,11 @@ def _recipe(ckpt: Path, data_dir: Path, train_file: Path, *extra: str):
 
 
 def _records(ckpt: Path) -> dict[int, dict]:
-    lines = (ckpt / "tensorboard" / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r for r in map(json.loads, lines)}  # a replayed step keeps its last record
+    records: dict[int, dict] = {}
+    for line in (ckpt / "tensorboard" / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        records.setdefault(record["step"], {}).update(record)  # a replayed step keeps its last values
+    return records
 
 
 NAN_STEP, SIGNAL_STEP = 4, 3
@@ -194,10 +197,7 @@ def test_sigusr1_saves_and_resume_gives_bitwise_the_same_losses(fault_runs):
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in range(2, 7):
         assert _same(a[step]["train/loss"], b[step]["train/loss"]), (step, a[step], b[step])
-    steps = [s for s, _ in ckpt_mod.CheckpointManager(fault_runs["straight"].checkpoint, CFG).completed()]
-    assert SIGNAL_STEP in [s for s, _ in ckpt_mod.CheckpointManager(
-        load_recipe(QUICKSTART / "llava_debug_stage1.yaml", [f"checkpoint.dir={fault_runs['tmp'] / 'b'}"]).checkpoint,
-        CFG).completed()] and steps == [2, 4, 6]
+    assert (fault_runs["tmp"] / "b" / f"step_{SIGNAL_STEP:08d}" / ckpt_mod.TRAINER_STATE_FILE).is_file()
 
 
 def test_truncated_shard_is_named_and_resume_falls_back(fault_runs, capsys):
@@ -273,13 +273,16 @@ def test_under_torchrun_skip_budget_stops_cleanly_and_a_killed_worker_resumes(sm
     common = ["parallel.tensor_parallel=1", "train.global_batch_size=8", "train.micro_batch_size=2",
               "train.log_interval=1000", "train.max_steps=5", "stage.trainable=[connector]", "optimizer.warmup_steps=1",
               "checkpoint.save_interval=2", "eval.captions=null", "data.validation=null", "data.shuffle=false",
-              *data_overrides(small_embedded)[:-3], "logging.progress=false"]
+              "data.embedded=null", f"data.train={small_embedded}/captions_train.jsonl",
+              f"data.tokenizer={small_embedded}/tokenizer.model", "logging.progress=false"]
     bad = _captions(tmp_path, image, ["red"] * 40, missing=8)
+    started = time.monotonic()
     stop = _torchrun([*common, f"data.train={bad}", "data.min_skip_budget=2", f"checkpoint.dir={tmp_path / 'c'}"])
     output = stop.stdout + stop.stderr
-    assert stop.returncode != 0
+    assert stop.returncode != 0 and time.monotonic() - started < 120
     assert output.count("error: 8 of 8 samples were skipped") == 1, output[-3000:]
-    assert "over the budget" in output and "Traceback" not in output.split("ChildFailedError")[0], output[-3000:]
+    assert "over the budget of 2" in output and "exitcode  : 2" in output
+    assert f'File "{ROOT / "megavlm"}' not in output, output[-3000:]  # no worker traceback
 
     reference = _torchrun([*common, f"checkpoint.dir={tmp_path / 'ref'}"])
     assert reference.returncode == 0, (reference.stdout + reference.stderr)[-3000:]
