@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -265,7 +266,12 @@ def _torchrun(args: list[str], *extra: str, timeout: int = 300) -> subprocess.Co
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            *extra, str(FAULTY), str(QUICKSTART / "llava_debug_stage1.yaml"), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:  # files: no pipe a stray child holds open
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True, timeout=timeout)
+        out.seek(0)
+        err.seek(0)
+        proc.stdout, proc.stderr = out.read(), err.read()
+    return proc
 
 
 def test_under_torchrun_skip_budget_stops_cleanly_and_a_killed_worker_resumes(small_embedded, tmp_path):

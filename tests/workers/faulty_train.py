@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import sys
@@ -32,7 +33,9 @@ def main() -> int:
 
         def _inject(self, grad):
             step = self.step + 1
-            if rank == 1 and kill_at == step and first_attempt:
+            if rank == 1 and kill_at == step and first_attempt:  # a node dies: this process and its children
+                for child in multiprocessing.active_children():
+                    child.kill()
                 os.kill(os.getpid(), signal.SIGKILL)
             return grad * float("nan") if rank == 1 and step == NAN_STEP else grad
 
