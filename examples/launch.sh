@@ -37,14 +37,15 @@ MASTER_PORT=${MASTER_PORT:-29500}
 unset SLURM_PROCID SLURM_NTASKS SLURM_LOCALID
 
 echo "megavlm: node ${NODE_RANK}/${NNODES}, ${GPUS} processes, master ${MASTER_ADDR}:${MASTER_PORT}: $*"
+RUN=
+forward() { [ -z "$RUN" ] || pkill "-$1" -P "$RUN" 2>/dev/null || true; }  # torchrun's children: the workers
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
 ( trap '' USR1 TERM
   exec "$PY" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --max-restarts "${MAX_RESTARTS:-0}" \
     -m megavlm.train "$@" ) &
 RUN=$!
-forward() { pkill "-$1" -P "$RUN" 2>/dev/null || true; }  # torchrun's children: the workers
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
 while true; do
   status=0
   wait "$RUN" || status=$?

@@ -39,10 +39,11 @@ def _user_errors() -> tuple[type, ...]:
     """Stops with a cause the user must fix; anything else is a bug and keeps its traceback."""
     from megavlm.config.schema import ConfigError
     from megavlm.data.loader import SkipBudgetExceeded
+    from megavlm.parallel.init import ParallelLayoutError
     from megavlm.training.checkpoint import CheckpointError
     from megavlm.training.resilience import RunStop
 
-    return ConfigError, FileNotFoundError, SkipBudgetExceeded, CheckpointError, RunStop
+    return ConfigError, FileNotFoundError, ParallelLayoutError, SkipBudgetExceeded, CheckpointError, RunStop
 
 
 def main(argv=None) -> int:
