@@ -25,6 +25,12 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+def flags(values) -> torch.Tensor:
+    """A small integer tensor for a collective: on the GPU under NCCL (which takes no CPU tensors)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
 class RunStop(RuntimeError):
     """A stop for a reason the user must act on; the message names the cause and the file or sample."""
 
@@ -32,7 +38,7 @@ class RunStop(RuntimeError):
 def agree_on_error(error: Exception | None, group=None) -> None:
     """Collective: when any rank of ``group`` hit ``error``, every rank raises ``RunStop`` with the
     first rank's message (the others would otherwise wait in the next collective until killed)."""
-    flag = torch.tensor([0 if error is None else 1], dtype=torch.long)
+    flag = flags([0 if error is None else 1])
     if dist.is_initialized():
         dist.all_reduce(flag, group=group)
     if not int(flag):
@@ -62,11 +68,10 @@ class StopRequest:
 
     def poll(self) -> str | None:
         """Collective: why the run should stop after this step (the same answer on every rank), or None."""
-        flags = torch.tensor([self.received or 0, int(self.deadline is not None and time.monotonic() > self.deadline)],
-                             dtype=torch.long)
+        asked = flags([self.received or 0, int(self.deadline is not None and time.monotonic() > self.deadline)])
         if dist.is_initialized():
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        sig, out_of_time = (int(v) for v in flags)
+            dist.all_reduce(asked, op=dist.ReduceOp.MAX)
+        sig, out_of_time = (int(v) for v in asked.tolist())
         if sig:
             return f"received {signal.Signals(sig).name}"
         if out_of_time:

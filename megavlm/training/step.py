@@ -10,11 +10,10 @@ is all-reduced over the world, so TP/PP/DP ranks always agree).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Iterator
-
-import math
 
 import torch
 import torch.distributed as dist
@@ -23,6 +22,8 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
+
+from megavlm.training.resilience import flags
 
 
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor, dict]]
@@ -121,7 +122,7 @@ def reduce_losses(reports: list[dict]) -> StepResult:
 
 def _all_finite(values) -> bool:
     """Collective over the world: every rank's values are finite."""
-    bad = torch.tensor([0 if all(v is not None and math.isfinite(v) for v in values) else 1], dtype=torch.long)
+    bad = flags([0 if all(v is not None and math.isfinite(v) for v in values) else 1])
     if dist.is_initialized():
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return not int(bad)

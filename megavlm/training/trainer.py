@@ -19,19 +19,19 @@ from megavlm.config.schema import ConfigError
 from megavlm.data import embedded
 from megavlm.data.build import build_step_loader, open_eval_source, tile_planner
 from megavlm.data.loader import SKIP_REASONS, SkipCounter
-from megavlm.data.templates import TemplateMismatch
 from megavlm.data.sampler import SamplerState
+from megavlm.data.templates import TemplateMismatch
 from megavlm.data.tokenizer import load_tokenizer
 from megavlm.eval.vlm_eval import EvalContext
+from megavlm.losses.lm_loss import IGNORE_INDEX
 from megavlm.models.common.hf_io import read_hf_dir
 from megavlm.models.registry import get_family
 from megavlm.parallel import init as pinit
 from megavlm.training.build import build_model, load_local_state, wrap_ddp
 from megavlm.training.checkpoint import CheckpointManager, load_model
 from megavlm.training.flops import peak_flops, sample_flops
-from megavlm.losses.lm_loss import IGNORE_INDEX
 from megavlm.training.logging import MetricsLogger
-from megavlm.training.resilience import RunStop, StopRequest, agree_on_error
+from megavlm.training.resilience import RunStop, StopRequest, agree_on_error, flags
 from megavlm.training.stages import apply_stage, megatron_optimizer_config, optimizer_groups, set_train_mode
 from megavlm.training.step import configure_schedule, train_step
 from megavlm.training.tasks import make_task
@@ -165,16 +165,17 @@ class Trainer:
     def _account_skips(self, skipped: list[tuple[str, str]], supervised: int) -> int:
         """Skip counts agree on every rank (summed over DP) before the budget is checked; returns
         the supervised tokens of the whole global batch (summed along with them)."""
-        counts = torch.zeros(len(SKIP_REASONS) + 1, dtype=torch.long)
+        counts = flags([0] * (len(SKIP_REASONS) + 1))
         for reason, message in skipped:
             counts[SKIP_REASONS.index(reason if reason in SKIP_REASONS else "other")] += 1
             if self.ctx.tp_rank == 0 and self.ctx.pp_rank == 0:
                 log.warning("skipped sample: %s" if reason not in self.skips.kept_reasons else "%s", message)
         counts[-1] = supervised
         dist.all_reduce(counts, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        counts = counts.tolist()
         last = skipped[-1][1] if skipped else ""
-        self.skips.update(self.recipe.train.global_batch_size, dict(zip(SKIP_REASONS, counts[:-1].tolist())), last)
-        return int(counts[-1])
+        self.skips.update(self.recipe.train.global_batch_size, dict(zip(SKIP_REASONS, counts[:-1])), last)
+        return counts[-1]
 
     def _batches(self) -> tuple[list[dict], int]:
         """This rank's micro-batches that have a supervised token (at least one while the global
