@@ -10,8 +10,9 @@
 #   MAX_RESTARTS torchrun restarts after a worker fails (default: 0); a restarted job resumes from
 #                the latest complete checkpoint by itself
 # Preemption: SIGUSR1 (Slurm's --signal=USR1@120) or SIGTERM reaching this script is passed on to
-# the workers, which finish their step, save a checkpoint and exit 0. torchrun itself starts with
-# both ignored: it would die of SIGUSR1, and give its workers only 30 s after a SIGTERM.
+# the workers, which finish their step, save a checkpoint and exit 0. torchrun itself keeps both
+# ignored (it would die of SIGUSR1, and give its workers only 30 s after a SIGTERM), also when
+# Slurm signals every process of the job step.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-$REPO/.venv/bin/python}
@@ -44,7 +45,7 @@ trap 'forward TERM' TERM
 ( trap '' USR1 TERM
   exec "$PY" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --max-restarts "${MAX_RESTARTS:-0}" \
-    -m megavlm.train "$@" ) &
+    --signals-to-handle SIGINT,SIGHUP,SIGQUIT -m megavlm.train "$@" ) &
 RUN=$!
 while true; do
   status=0
