@@ -7,6 +7,12 @@
 #   NODE_RANK    this node's index        (default: SLURM_NODEID or 0)
 #   MASTER_ADDR  rendezvous host          (default: first host of SLURM_JOB_NODELIST, or localhost)
 #   MASTER_PORT  rendezvous port          (default: 29500)
+#   MAX_RESTARTS torchrun restarts after a worker fails (default: 0); a restarted job resumes from
+#                the latest complete checkpoint by itself
+# Preemption: SIGUSR1 (Slurm's --signal=USR1@120) or SIGTERM reaching this script is passed on to
+# the workers, which finish their step, save a checkpoint and exit 0. torchrun itself keeps both
+# ignored (it would die of SIGUSR1, and give its workers only 30 s after a SIGTERM), also when
+# Slurm signals every process of the job step.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-$REPO/.venv/bin/python}
@@ -32,5 +38,17 @@ MASTER_PORT=${MASTER_PORT:-29500}
 unset SLURM_PROCID SLURM_NTASKS SLURM_LOCALID
 
 echo "megavlm: node ${NODE_RANK}/${NNODES}, ${GPUS} processes, master ${MASTER_ADDR}:${MASTER_PORT}: $*"
-exec "$PY" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS" \
-  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" -m megavlm.train "$@"
+RUN=
+forward() { [ -z "$RUN" ] || pkill "-$1" -P "$RUN" 2>/dev/null || true; }  # torchrun's children: the workers
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+( trap '' USR1 TERM
+  exec "$PY" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS" \
+    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --max-restarts "${MAX_RESTARTS:-0}" \
+    --signals-to-handle SIGINT,SIGHUP,SIGQUIT -m megavlm.train "$@" ) &
+RUN=$!
+while true; do
+  status=0
+  wait "$RUN" || status=$?
+  kill -0 "$RUN" 2>/dev/null || exit "$status"  # else wait was interrupted by a signal: keep waiting
+done

@@ -7,6 +7,8 @@
 # RECIPE=examples/recipes/flamingo/flamingo_idefics_9b_pretrain.yaml runs only that recipe (its
 # LLM comes from HF), LM_RECIPE another step-0 recipe.
 set -euo pipefail
+# Preemption (SIGUSR1 / SIGTERM): the running stage saves a checkpoint and exits 0; do not start the next.
+trap 'STOPPED=1' USR1 TERM
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 [ -x "$REPO/.venv/bin/python" ] || bash "$REPO/tools/setup_env.sh"
@@ -17,4 +19,6 @@ if [ -n "${RECIPE:-}" ]; then
   exec bash "$HERE/launch.sh" "$RECIPE" "$@"
 fi
 bash "$HERE/launch.sh" "${LM_RECIPE:-$HERE/recipes/flamingo/flamingo_debug_lm.yaml}" "$@"
+[ -z "${STOPPED:-}" ] || exit 0
 bash "$HERE/launch.sh" "$HERE/recipes/flamingo/flamingo_debug_pretrain.yaml" "$@"
+[ -z "${STOPPED:-}" ] || exit 0

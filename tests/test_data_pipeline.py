@@ -63,7 +63,7 @@ def test_multi_turn_labels_cover_exactly_the_assistant_turns(tok, template):
 
 
 def test_template_mismatch_names_the_sample(tok):
-    class Lossy:  # a tokenizer that cannot represent the answer (everything outside its vocab is unk)
+    class Lossy:  # changes the text without reporting unknown characters: a real template/tokenizer mismatch
         bos_id, bos_ids, eos_id, path = tok.bos_id, tok.bos_ids, tok.eos_id, "lossy.model"
 
         def encode(self, text):

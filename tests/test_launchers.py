@@ -58,3 +58,30 @@ def test_throughput_benchmark_runs_ours_and_hf_side_by_side():
         assert r["tokens_per_s"] == r["real_tokens_per_s"] == pytest.approx(0.75 * r["row_tokens_per_s"])
     stage1, stage2 = (next(r for r in rows if r["peer"] == "ours" and r["stage"] == s) for s in (1, 2))
     assert stage2["tflops"] * stage2["step_s"] > stage1["tflops"] * stage1["step_s"]  # LLM weight grads cost FLOPs
+
+
+def test_preemption_signal_reaches_the_workers_not_torchrun(tmp_path):
+    """SIGUSR1 to launch.sh (Slurm's --signal=USR1@120): torchrun survives it, the workers get it
+    and their clean exit is the script's exit status."""
+    import signal
+    import sys
+    import time
+
+    fake = tmp_path / "python"  # stands in for "python -m torch.distributed.run ...": one worker
+    fake.write_text("#!/bin/bash\n"
+                    f"{sys.executable} -c \"import signal, sys, time\n"
+                    "signal.signal(signal.SIGUSR1, lambda *a: (print('worker saved a checkpoint', flush=True), sys.exit(0)))\n"
+                    "print('worker ready', flush=True); time.sleep(60); sys.exit(1)\" &\n"
+                    "wait $!\n")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "NNODES", "NODE_RANK", "GPUS"))}
+    env.update(PYTHON=str(fake), PATH="/usr/bin:/bin")
+    proc = subprocess.Popen(["bash", str(LAUNCH), "recipe.yaml"], env=env, stdout=subprocess.PIPE, text=True)
+    lines = []
+    while not lines or lines[-1].strip() != "worker ready":
+        lines.append(proc.stdout.readline())
+    proc.send_signal(signal.SIGUSR1)
+    start = time.monotonic()
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "worker saved a checkpoint" in out
+    assert time.monotonic() - start < 10

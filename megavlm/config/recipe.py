@@ -162,11 +162,16 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     num_workers: int = 0                 # image-decoding threads (PIL) / DALI threads
     prefetch: bool = True                # prepare the next step while this one trains
-    max_skip_fraction: float = 0.01      # stop when more than this fraction of samples is bad
+    max_skip_fraction: float = 0.01      # stop when more than this fraction of samples is bad...
+    min_skip_budget: int = 10            # ...and more than this many (a few bad records early on never stop a run)
+    # assistant text with characters the tokenizer maps to its unknown piece: train on it with the
+    # unknown pieces, or skip the sample (counted as unrepresentable_text either way)
+    unrepresentable_text: Literal["train", "skip"] = "train"
     shuffle: bool = True
 
     def __post_init__(self):
         check(0 <= self.max_skip_fraction <= 1, "data.max_skip_fraction", "must be in [0, 1]")
+        check(self.min_skip_budget >= 0, "data.min_skip_budget", "must be >= 0")
         check(self.max_tiles >= 0, "data.max_tiles", "must be >= 0 (0: no tiling)")
         check(not (self.train and self.sources), "data.sources", "give data.train or data.sources, not both")
         check(self.samples_per_epoch is None or self.samples_per_epoch > 0, "data.samples_per_epoch", "must be positive")
@@ -180,6 +185,8 @@ class TrainConfig:
     epochs: float = 1.0
     max_steps: Optional[int] = None      # overrides epochs when set
     exit_at_step: Optional[int] = None   # stop at this step with a checkpoint (e.g. before a time limit); resume later
+    exit_duration_minutes: Optional[float] = None   # stop with a checkpoint after this much wall time; resume later
+    max_bad_steps: int = 3               # consecutive steps with a NaN/Inf loss or gradient norm before the run stops
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     recompute: bool = False
     seed: int = 1234
@@ -196,6 +203,9 @@ class TrainConfig:
               f"{self.global_batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
         check(self.epochs > 0, "train.epochs", "must be positive")
         check(self.max_steps is None or self.max_steps > 0, "train.max_steps", "must be positive")
+        check(self.exit_duration_minutes is None or self.exit_duration_minutes > 0, "train.exit_duration_minutes",
+              "must be positive")
+        check(self.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
 
 
 @dataclass

@@ -34,9 +34,9 @@ def training_dataset(data):
     return MixtureDataset(sources, [s.weight for s in data.sources], data.samples_per_epoch, names)
 
 
-def encoder_for(model_cfg, tokenizer, template: str) -> ConversationEncoder:
+def encoder_for(model_cfg, tokenizer, template: str, unrepresentable: str = "train") -> ConversationEncoder:
     return ConversationEncoder(tokenizer, get_template(template), model_cfg.image_tokens,
-                               model_cfg.image_token_id)
+                               model_cfg.image_token_id, unrepresentable)
 
 
 def build_step_loader(recipe, tokenizer, builder, collate: str, dp_rank: int, dp_size: int,

@@ -79,8 +79,8 @@ def packed_batches(examples: list, seq_length: int, pad_id: int, image_size: int
     """One micro-batch (a packed row) per bin; deterministic for the same examples."""
     from megavlm import _C
 
-    if not examples:
-        return []
+    if not examples:  # every sample skipped: one all-padding row keeps this rank in the step's collectives
+        return [pack_row([], seq_length, pad_id, image_size)]
     bins = _C.pack_best_fit([len(ex) for ex in examples], seq_length)
     return [pack_row([examples[i] for i in sorted(b)], seq_length, pad_id, image_size) for b in bins]
 

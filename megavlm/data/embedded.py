@@ -6,8 +6,10 @@ Writes, under ``--out``:
   captions_{split}.jsonl             {"image", "caption"} for stages 1-2 (feature alignment, pre-training)
   conversations_{split}.json         LLaVA-style {"image", "conversations": [human/gpt turns]} for stage 3
   interleaved_{split}.jsonl          documents of 2-4 images, each followed by its caption (Flamingo-style)
-  tokenizer.model                    sentencepiece model trained on all the text; "<image>", the Llama-3
-                                     markers, "[DEC]" (BLIP-2) and "<|endofchunk|>" (Flamingo) are single tokens
+  tokenizer.model                    sentencepiece model trained on all the text, with byte fallback (any
+                                     character of a user's own captions is spelled in UTF-8 bytes, never
+                                     unknown); "<image>", the Llama-3 markers, "[DEC]" (BLIP-2) and
+                                     "<|endofchunk|>" (Flamingo) are single tokens
   manifest.json                      counts, seed and generator version
 
 Scenes are either a group (1-3 shapes of one colour and kind: "two red circles on a white
@@ -28,7 +30,7 @@ from PIL import Image, ImageDraw
 
 from megavlm.data.tokenizer import END_OF_CHUNK
 
-VERSION = 4
+VERSION = 5
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
 SHAPES = ("circle", "square", "triangle")
@@ -156,13 +158,13 @@ def _train_tokenizer(out: Path, texts: list[str], vocab_size: int) -> None:
         input=str(corpus), model_prefix=str(out / "tokenizer"), vocab_size=vocab_size, model_type="bpe",
         user_defined_symbols=["<image>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "[DEC]",
                               END_OF_CHUNK],
-        character_coverage=1.0, hard_vocab_limit=False,
+        character_coverage=1.0, hard_vocab_limit=False, byte_fallback=True,
         bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2, num_threads=1,
     )
     corpus.unlink()
 
 
-def generate(out: str | Path, seed: int = 0, splits: dict[str, int] | None = None, vocab_size: int = 256) -> dict:
+def generate(out: str | Path, seed: int = 0, splits: dict[str, int] | None = None, vocab_size: int = 512) -> dict:
     """Write the dataset (deterministic for a seed); returns the manifest."""
     from megavlm.data.templates import TEMPLATES
 

@@ -21,6 +21,7 @@ class Example:
     labels: list[int]
     images: list[tuple[bytes, ImageAug, str]]   # (encoded bytes, augmentation, source for messages)
     pixels: list = field(default_factory=list)  # decoded [3, S, S] tensors, filled by the loader
+    notes: list = field(default_factory=list)   # (reason, message): kept despite a problem (unrepresentable text)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -66,15 +67,16 @@ class ExampleBuilder:
         if self.tiler is not None:
             planned = [self.tiler.plan(d, aug, record.sample_id, ref.source) for d, aug, ref in zip(data, augs, record.images)]
             augs, views = [a for a, _ in planned], [v for _, v in planned]
+        notes: list = []
         if record.segments is not None:
             ids, supervised = self._interleaved(record, transform, iter(views))
         else:
             turns = [(transform(u), transform(a)) for u, a in record.turns] if transform else record.turns
-            ids, supervised = self.encoder.encode(turns, len(record.images), record.sample_id, views)
+            ids, supervised = self.encoder.encode(turns, len(record.images), record.sample_id, views, notes)
         if len(ids) > self.seq_length:
             raise BadSample("over_length", f"sample {record.sample_id}: {len(ids)} tokens exceed seq_length {self.seq_length}")
         images = [(d, aug, ref.source) for d, ref, aug in zip(data, record.images, augs)]
-        return Example(record.sample_id, ids, shifted_labels(ids, supervised), images)
+        return Example(record.sample_id, ids, shifted_labels(ids, supervised), images, notes=notes)
 
 
 class TextExampleBuilder:

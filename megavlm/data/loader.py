@@ -2,9 +2,12 @@
 with skipped-sample accounting and the next step prepared in the background.
 
 A sample that cannot be used (malformed record, missing/corrupt/degenerate image, more
-``<image>`` tags than images, over-length, template mismatch) is skipped and counted by reason
+``<image>`` tags than images, over-length, too many images) is skipped and counted by reason
 (``SkipCounter``: logged, saved with checkpoints); the run stops with an error naming the last bad
-sample only when the skip budget is exceeded. One bad sample never crashes an epoch.
+sample only when the skip budget is exceeded. One bad sample never crashes an epoch. A template
+mismatch is not a bad sample but a bad recipe: it stops the run at the first sample. Text the
+tokenizer cannot spell is counted as ``unrepresentable_text``, and trains unless
+``data.unrepresentable_text: skip``.
 """
 from __future__ import annotations
 
@@ -16,9 +19,14 @@ import threading
 from dataclasses import dataclass
 
 from megavlm.data.collate import packed_batches, padded_batches, text_batches
-from megavlm.data.templates import BadSample
+from megavlm.data.templates import BadSample, TemplateMismatch
 
 log = logging.getLogger(__name__)
+
+# Every reason a sample is skipped (or, for unrepresentable_text, flagged); "other" for reasons a
+# custom source may raise.
+SKIP_REASONS = ("missing_image", "corrupt_image", "bad_image_shape", "malformed_record", "image_tag_mismatch",
+                "too_many_images", "over_length", "unrepresentable_text", "other")
 
 
 class SkipBudgetExceeded(RuntimeError):
@@ -26,21 +34,38 @@ class SkipBudgetExceeded(RuntimeError):
 
 
 class SkipCounter:
-    def __init__(self, max_fraction: float = 0.01, min_budget: int = 10):
+    """Samples skipped so far, by reason. ``kept_reasons``: reasons counted and reported but not
+    skipped (so outside the budget), e.g. unrepresentable_text trained with unknown pieces."""
+
+    def __init__(self, max_fraction: float = 0.01, min_budget: int = 10, kept_reasons=()):
         self.counts: collections.Counter = collections.Counter()
         self.seen = 0
-        self.max_fraction, self.min_budget = max_fraction, min_budget
+        self.max_fraction, self.min_budget, self.kept_reasons = max_fraction, min_budget, set(kept_reasons)
+
+    @property
+    def skipped(self) -> int:
+        return sum(n for r, n in self.counts.items() if r not in self.kept_reasons)
 
     def update(self, seen: int, reason_counts: dict[str, int], last_message: str = "") -> None:
         """Add one step's skips (already summed over data-parallel ranks); raise over budget."""
         self.seen += seen
         self.counts.update({r: n for r, n in reason_counts.items() if n})
-        total = sum(self.counts.values())
+        total = self.skipped
         budget = max(self.min_budget, self.max_fraction * self.seen)
-        if any(reason_counts.values()) and total > budget:
+        if any(n for r, n in reason_counts.items() if r not in self.kept_reasons) and total > budget:
+            skipped = {r: n for r, n in self.counts.items() if r not in self.kept_reasons}
             raise SkipBudgetExceeded(
-                f"{total} of {self.seen} samples were skipped ({dict(self.counts)}), over the budget of {budget:.0f} "
-                f"(data.max_skip_fraction={self.max_fraction})" + (f"; last: {last_message}" if last_message else ""))
+                f"{total} of {self.seen} samples were skipped ({skipped}), over the budget of {budget:.0f} "
+                f"(data.max_skip_fraction={self.max_fraction}, data.min_skip_budget={self.min_budget})"
+                + (f"; last: {last_message}" if last_message else ""))
+
+    def summary(self) -> str:
+        """One line for the end of the run."""
+        if not self.counts:
+            return f"skipped samples: none of {self.seen}"
+        parts = ", ".join(f"{r} {n}" + (" (trained)" if r in self.kept_reasons else "")
+                          for r, n in sorted(self.counts.items()))
+        return f"skipped samples: {self.skipped} of {self.seen} ({parts})"
 
     def state_dict(self) -> dict:
         return {"counts": dict(self.counts), "seen": self.seen}
@@ -56,6 +81,8 @@ def load_examples(dataset, builder, backend, indices: list[int], epoch: int, poo
     for index in indices:
         try:
             examples.append(builder.build(dataset[index], index, epoch))
+        except TemplateMismatch:
+            raise
         except BadSample as err:
             skipped.append((err.reason, str(err)))
     items = [(data, aug, ex.sample_id, source) for ex in examples for data, aug, source in ex.images]
@@ -105,6 +132,7 @@ class StepLoader:
         epoch = self.sampler.state.epoch
         indices = [i for mb in micro for i in mb]
         examples, skipped = load_examples(self.dataset, self.builder, self.backend, indices, epoch, self.pool)
+        skipped += [note for ex in examples for note in ex.notes]
         c = self.cfg
         if c.collate == "text":
             batches = text_batches(examples, c.micro_batch_size, len(micro), c.seq_length, c.pad_id, c.image_size)
@@ -130,6 +158,7 @@ class StepLoader:
         return thread, box
 
     def next_step(self) -> tuple[list[dict], list[tuple[str, str]]]:
+        """(micro-batches, [(reason, message)] of the samples skipped or flagged)."""
         if self._pending is None:
             value = self._produce()
         else:

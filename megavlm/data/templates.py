@@ -4,7 +4,9 @@ A conversation is tokenised segment by segment: role markers and user text are u
 assistant text and its end marker are supervised. ``<image>`` in any turn becomes the model's
 image-token count of placeholder ids. A self-check decodes every supervised span and compares it
 with the assistant text, so a template/tokenizer mismatch raises an error naming the sample
-instead of silently training on nothing (a loss of 0).
+instead of silently training on nothing (a loss of 0). Text the tokenizer cannot spell (characters
+it maps to its unknown piece) is not a mismatch: it is reported as ``unrepresentable_text`` and the
+sample trains with the unknown pieces, or is skipped (``data.unrepresentable_text``).
 """
 from __future__ import annotations
 
@@ -25,10 +27,21 @@ class BadSample(ValueError):
 
 
 class TemplateMismatch(BadSample):
-    """Supervised tokens do not decode back to the assistant text."""
+    """Supervised tokens do not decode back to the assistant text: the template or the tokenizer
+    is wrong for the data, so every sample would be affected and the run stops at the first."""
 
     def __init__(self, message: str):
         super().__init__("template_mismatch", message)
+
+
+class UnrepresentableText(BadSample):
+    """The assistant text has characters the tokenizer maps to its unknown piece."""
+
+    def __init__(self, message: str):
+        super().__init__("unrepresentable_text", message)
+
+
+UNREPRESENTABLE_POLICIES = ("train", "skip")
 
 
 @dataclass(frozen=True)
@@ -92,11 +105,18 @@ def normalize_turns(conversations: list, sample_id: str) -> list[tuple[str, str]
 
 
 class ConversationEncoder:
-    def __init__(self, tokenizer, template: ChatTemplate, tokens_per_image: int, image_token_id: int):
+    """``unrepresentable``: "train" keeps a sample whose text has unknown characters (reported in
+    ``notes``), "skip" raises ``UnrepresentableText``."""
+
+    def __init__(self, tokenizer, template: ChatTemplate, tokens_per_image: int, image_token_id: int,
+                 unrepresentable: str = "train"):
+        if unrepresentable not in UNREPRESENTABLE_POLICIES:
+            raise ValueError(f"unrepresentable={unrepresentable!r}; known: {', '.join(UNREPRESENTABLE_POLICIES)}")
         self.tok = tokenizer
         self.template = template
         self.tokens_per_image = tokens_per_image
         self.image_token_id = image_token_id
+        self.unrepresentable = unrepresentable
 
     def image_ids(self, views: int = 1) -> list[int]:
         """The image-token positions of one image that reaches the ViT as ``views`` inputs (tiles)."""
@@ -117,9 +137,9 @@ class ConversationEncoder:
         return [self.tok.eos_id] if self.template.end == EOS else self.tok.encode(self.template.end)
 
     def encode(self, pairs: list[tuple[str, str]], num_images: int, sample_id: str,
-               image_views: list[int] | None = None) -> tuple[list[int], list[bool]]:
+               image_views: list[int] | None = None, notes: list | None = None) -> tuple[list[int], list[bool]]:
         """(input ids, supervised flag per token). ``image_views``: ViT inputs per image (tiles;
-        default one each)."""
+        default one each). ``notes`` collects (reason, message) of what was kept despite a problem."""
         tags = sum(u.count(IMAGE_TOKEN) + a.count(IMAGE_TOKEN) for u, a in pairs)
         if tags != num_images:
             raise BadSample("image_tag_mismatch",
@@ -144,7 +164,7 @@ class ConversationEncoder:
                 sep = self.tok.encode(t.sep)
                 ids += sep
                 sup += [False] * len(sep)
-        self._self_check(ids, spans, sample_id)
+        self._self_check(ids, spans, sample_id, notes)
         return ids, sup
 
     def encode_prompt(self, history: list[tuple[str, str]], question: str, num_images: int,
@@ -153,15 +173,34 @@ class ConversationEncoder:
         ids, _ = self.encode(history + [(question, "")], num_images, sample_id, image_views)
         return ids[: len(ids) - len(self._end())]
 
-    def _self_check(self, ids: list[int], spans: list[tuple[int, int, str]], sample_id: str) -> None:
+    def _self_check(self, ids: list[int], spans: list[tuple[int, int, str]], sample_id: str,
+                    notes: list | None) -> None:
         for start, end, answer in spans:
+            expected = answer.strip()
+            if end <= start and expected:
+                raise TemplateMismatch(f"sample {sample_id}: assistant text {answer!r} produced no supervised tokens")
             decoded = self.tok.decode(ids[start:end])
-            if decoded != answer.strip():
+            if decoded == expected:
+                continue
+            unknown = self.tok.unknown_characters(expected) if hasattr(self.tok, "unknown_characters") else []
+            if unknown:
+                self._unrepresentable(sample_id, expected, unknown, notes)
+            elif not hasattr(self.tok, "normalize") or decoded != self.tok.normalize(expected):
                 raise TemplateMismatch(
                     f"sample {sample_id}: supervised tokens decode to {decoded!r}, expected the assistant text "
-                    f"{answer.strip()!r} (template {self.template.name!r} / tokenizer {getattr(self.tok, 'path', '?')})")
-            if end <= start and answer.strip():
-                raise TemplateMismatch(f"sample {sample_id}: assistant text {answer!r} produced no supervised tokens")
+                    f"{expected!r} (template {self.template.name!r} / tokenizer {getattr(self.tok, 'path', '?')})")
+            # else: only the tokenizer's normalisation (NFKC, whitespace runs) differs
+
+    def _unrepresentable(self, sample_id: str, text: str, unknown: list[str], notes: list | None) -> None:
+        chars = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in unknown[:8]) + (" ..." if len(unknown) > 8 else "")
+        action = "trained with unknown pieces" if self.unrepresentable == "train" else "skipped"
+        message = (f"sample {sample_id}: the tokenizer {getattr(self.tok, 'path', '?')} cannot represent {chars} in "
+                   f"{text[:80]!r}: {action} (data.unrepresentable_text={self.unrepresentable}; a tokenizer "
+                   f"with byte fallback spells every character)")
+        if self.unrepresentable == "skip":
+            raise UnrepresentableText(message)
+        if notes is not None:
+            notes.append(("unrepresentable_text", message))
 
 
 def shifted_labels(ids: list[int], supervised: list[bool]) -> list[int]:

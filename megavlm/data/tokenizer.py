@@ -91,6 +91,16 @@ class SentencePieceTokenizer:
         single = self.token_id(text)
         return [single] if single is not None else self.encode(text)
 
+    def normalize(self, text: str) -> str:
+        """The text as the tokenizer spells it (NFKC, whitespace runs collapsed): what a lossless
+        encode/decode round trip gives back."""
+        return self.sp.normalize(text).replace("\u2581", " ").strip()
+
+    def unknown_characters(self, text: str) -> list[str]:
+        """Characters of ``text`` that encode to the unknown piece (none with byte fallback)."""
+        unk = self.sp.unk_id()
+        return sorted(c for c in set(text) if not c.isspace() and unk in self.sp.encode(c))
+
     def token_id(self, piece: str) -> int | None:
         """The id of a piece that is one token (a user-defined symbol or an added token), else None."""
         return self.added.get(piece, self._piece_id(piece))
@@ -165,6 +175,18 @@ class HFTokenizer:
     def encode_marker(self, text: str) -> list[int]:
         single = self.token_id(text)
         return [single] if single is not None else self.encode(text)
+
+    def normalize(self, text: str) -> str:
+        normalizer = self.tk.normalizer
+        return (normalizer.normalize_str(text) if normalizer is not None else text).strip()
+
+    def unknown_characters(self, text: str) -> list[str]:
+        """Characters of ``text`` that encode to the unknown token (none for byte-level BPE)."""
+        unk_token = getattr(self.tk.model, "unk_token", None)
+        unk = self.tk.token_to_id(unk_token) if unk_token else None
+        if unk is None:
+            return []
+        return sorted(c for c in set(text) if not c.isspace() and unk in self.encode(c))
 
     def token_id(self, piece: str) -> int | None:
         return self.tk.token_to_id(piece)

@@ -109,6 +109,16 @@ def set_seed(seed: int, pp_rank: int = 0) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def _restart_store(launch, restart: int, timeout: timedelta):
+    """The store of a job that torchrun --max-restarts restarted. torchrun keeps its store across
+    attempts, so the ranks of a new attempt would read the failed attempt's connection addresses
+    (and time out connecting to them) without a prefix of their own."""
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), launch.world_size,
+                          is_master=not agent_store and launch.rank == 0, timeout=timeout)
+    return dist.PrefixStore(f"megavlm/attempt_{restart}", store)
+
+
 def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30) -> ParallelContext:
     """Init torch.distributed (nccl on GPU, gloo on CPU) and megatron-core's model-parallel groups."""
     from megatron.core import parallel_state
@@ -129,8 +139,15 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int 
             os.environ.setdefault("MASTER_ADDR", launch.master_addr)
             os.environ.setdefault("MASTER_PORT", str(launch.master_port))
             init_method = "env://"
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method=init_method, rank=launch.rank,
-                                world_size=launch.world_size, timeout=timedelta(minutes=timeout_minutes))
+        timeout = timedelta(minutes=timeout_minutes)
+        backend = "nccl" if use_cuda else "gloo"
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+        if restart:
+            dist.init_process_group(backend=backend, store=_restart_store(launch, restart, timeout), rank=launch.rank,
+                                    world_size=launch.world_size, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, init_method=init_method, rank=launch.rank,
+                                    world_size=launch.world_size, timeout=timeout)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(

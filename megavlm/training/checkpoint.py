@@ -5,7 +5,11 @@ per-rank RNG states; layout-independent, so it loads at any TP/PP), ``model.yaml
 config) and ``trainer_state.json`` (step, data position, LR-scheduler state, skip counts,
 metrics). Saves are atomic: everything is written into ``.tmp-step_N`` and renamed to ``step_N``
 only after every rank finished, so a save killed half-way never looks complete and the previous
-checkpoint still loads. Retention keeps the last K and the best K by a validation metric.
+checkpoint still loads. ``files.json`` lists every file of ``model/`` with its size, so a shard
+lost or truncated later (a full disk, a copy cut short) is found before loading, with the file
+named; ``--resume`` then falls back to the previous intact checkpoint. Retention keeps the last K
+and the best K by a validation metric measured at the checkpoint's own step, and never deletes
+the only intact checkpoint.
 """
 from __future__ import annotations
 
@@ -32,7 +36,12 @@ log = logging.getLogger(__name__)
 MODEL_SUBDIR = "model"
 MODEL_CONFIG_FILE = "model.yaml"
 TRAINER_STATE_FILE = "trainer_state.json"
+FILES_MANIFEST = "files.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded; the message names the file."""
 
 
 def _rank() -> int:
@@ -84,7 +93,34 @@ def _require_dist_checkpoint(path: Path) -> Path:
     model_dir = path / MODEL_SUBDIR
     if not (model_dir / "metadata.json").is_file():
         raise FileNotFoundError(f"{model_dir} holds no dist checkpoint (metadata.json is missing)")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
     return model_dir
+
+
+def write_manifest(path: Path) -> None:
+    """Every file under ``path/model`` with its size (written once all ranks finished the save)."""
+    model_dir = path / MODEL_SUBDIR
+    files = {os.fspath(f.relative_to(model_dir)): f.stat().st_size for f in sorted(model_dir.rglob("*")) if f.is_file()}
+    (path / FILES_MANIFEST).write_text(json.dumps(files, indent=1))
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with the files of the checkpoint at ``path`` (a missing or truncated shard), or None."""
+    model_dir = path / MODEL_SUBDIR
+    manifest = path / FILES_MANIFEST
+    if not manifest.is_file():  # written before the manifest existed: only the metadata can be checked
+        return None if (model_dir / "metadata.json").is_file() else f"{model_dir / 'metadata.json'} is missing"
+    for name, size in json.loads(manifest.read_text()).items():
+        file = model_dir / name
+        if not file.is_file():
+            return f"{file} is missing"
+        found = file.stat().st_size
+        if found != size:
+            return f"{file} has {found} bytes, the save wrote {size} (truncated)" if found < size else \
+                f"{file} has {found} bytes, the save wrote {size}"
+    return None
 
 
 def load_model(model: torch.nn.Module, path: str | Path, partial: bool = False) -> None:
@@ -163,6 +199,22 @@ class CheckpointManager:
         done = self.completed()
         return done[-1][1] if done else None
 
+    def latest_intact(self) -> Path | None:
+        """Collective: the newest complete checkpoint whose files are all there, as rank 0 sees
+        it; each damaged newer one is reported and passed over."""
+        choice = [None]
+        if _rank() == 0:
+            for _, path in reversed(self.completed()):
+                problem = checkpoint_problem(path)
+                if problem is None:
+                    choice = [os.fspath(path)]
+                    break
+                log.warning("checkpoint %s is damaged (%s): falling back to the previous one", path, problem)
+                print(f"checkpoint {path} is damaged ({problem}): falling back to the previous one", flush=True)
+        if dist.is_initialized():
+            dist.broadcast_object_list(choice, src=0)
+        return Path(choice[0]) if choice[0] else None
+
     # -- save --
     def _sharded_state(self, model, optimizer, world_size: int, loading: bool = False) -> dict:
         model_sd = model.sharded_state_dict()
@@ -193,6 +245,7 @@ class CheckpointManager:
         _barrier()
         if _rank() == 0:
             (tmp / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(to_dict(self.model_cfg), sort_keys=False))
+            write_manifest(tmp)
             if self.recipe_yaml:
                 (tmp / "recipe.yaml").write_text(self.recipe_yaml)
             state = dict(trainer_state, step=step, world_size=world)
@@ -209,12 +262,16 @@ class CheckpointManager:
         keep = {path for _, path in done[-self.cfg.keep_last:]}
         if self.cfg.keep_best:
             scored = []
-            for _, path in done:
-                metric = json.loads((path / TRAINER_STATE_FILE).read_text()).get("metrics", {}).get(self.cfg.best_metric)
-                if metric is not None:
+            for step, path in done:
+                state = json.loads((path / TRAINER_STATE_FILE).read_text())
+                metric = state.get("metrics", {}).get(self.cfg.best_metric)
+                if metric is not None and state.get("metrics_step", step) == step:  # measured at this checkpoint
                     scored.append((metric, path))
             scored.sort(key=lambda mp: mp[0], reverse=self.cfg.best_mode == "max")
             keep |= {path for _, path in scored[: self.cfg.keep_best]}
+        if all(checkpoint_problem(path) for path in keep):  # never delete the only intact checkpoint
+            intact = [path for _, path in done if checkpoint_problem(path) is None]
+            keep |= set(intact[-1:])
         for _, path in done:
             if path not in keep:
                 shutil.rmtree(path, ignore_errors=True)

@@ -4,10 +4,14 @@ The schedule runs every micro-batch through all pipeline stages (1F1B when PP > 
 token *sums*; with ``calculate_per_token_loss`` megatron-core's ``finalize_model_grads`` divides the
 gradients by the supervised-token count of the whole global batch (all micro-batches, all DP
 ranks), and ``reduce_losses`` reports the matching per-token loss.
+
+A step whose loss or gradient norm is NaN/Inf makes no optimizer update, on every rank (the flag
+is all-reduced over the world, so TP/PP/DP ranks always agree).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Iterator
 
@@ -15,8 +19,11 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
+
+from megavlm.training.resilience import flags
 
 
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor, dict]]
@@ -72,7 +79,9 @@ class StepResult:
     losses: dict[str, float]         # per-token loss over the global batch, by name
     tokens: int                      # supervised tokens in the global batch
     grad_norm: float | None = None
-    skipped: bool = False
+    skipped: bool = False            # no optimizer update (fp16 overflow, or not finite)
+    not_finite: bool = False         # the loss or the gradient norm was NaN/Inf (on some rank)
+    bad_micro_batches: list[int] = field(default_factory=list)   # this rank's, with a non-finite loss
 
 
 def forward_backward(model_chunks: list, batches: list[dict], loss_fn: LossFn, seq_length: int,
@@ -88,7 +97,10 @@ def forward_backward(model_chunks: list, batches: list[dict], loss_fn: LossFn, s
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )
-    return reduce_losses(reports)
+    result = reduce_losses(reports)
+    result.bad_micro_batches = [i for i, r in enumerate(reports)
+                                if not all(bool(torch.isfinite(v).all()) for v in r.values())]
+    return result
 
 
 def reduce_losses(reports: list[dict]) -> StepResult:
@@ -108,13 +120,40 @@ def reduce_losses(reports: list[dict]) -> StepResult:
     return StepResult(losses=losses, tokens=tokens)
 
 
+def _all_finite(values) -> bool:
+    """Collective over the world: every rank's values are finite."""
+    bad = flags([0 if all(v is not None and math.isfinite(v) for v in values) else 1])
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not int(bad)
+
+
+def _clip_and_update(optimizer, grad_norm: float) -> bool:
+    """The rest of megatron-core's ``ChainedOptimizer.step`` once the norm is known: clip by the
+    total norm, then update."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = inner.get_parameters()
+        if getattr(inner, "is_stub_optimizer", False) or not params or inner.config.clip_grad <= 0.0:
+            continue
+        clip_grad_by_total_norm_fp32(params, max_norm=inner.config.clip_grad, total_norm=grad_norm,
+                                     use_decoupled_grad=inner.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return optimizer.step_with_ready_grads()
+
+
 def train_step(model_chunks: list, optimizer, batches: list[dict], loss_fn: LossFn, seq_length: int,
                micro_batch_size: int) -> StepResult:
     for chunk in model_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     result = forward_backward(model_chunks, batches, loss_fn, seq_length, micro_batch_size)
-    ok, grad_norm, _ = optimizer.step()
-    result.grad_norm = float(grad_norm) if grad_norm is not None else None
-    result.skipped = not ok
+    with torch.no_grad():
+        if optimizer.prepare_grads():  # fp16 loss-scale overflow: the scaler backs off, no update
+            result.skipped = True
+            return result
+        grad_norm = float(optimizer.get_grad_norm())
+        result.grad_norm = grad_norm
+        if not _all_finite([grad_norm, *result.losses.values()]):
+            result.skipped = result.not_finite = True
+            return result
+        result.skipped = not _clip_and_update(optimizer, grad_norm)
     return result

@@ -22,7 +22,8 @@ class LMTask:
     def builder(self):
         r = self.recipe
         max_images = r.model.flamingo.max_media if r.model.flamingo is not None else None
-        return ExampleBuilder(encoder_for(r.model, self.tokenizer, r.data.template), r.train.seq_length,
+        return ExampleBuilder(encoder_for(r.model, self.tokenizer, r.data.template, r.data.unrepresentable_text),
+                              r.train.seq_length,
                               augment=r.data.augment, seed=r.train.seed, end_of_chunk=r.data.end_of_chunk,
                               max_images=max_images, tiler=tile_planner(r.model, r.data))
 

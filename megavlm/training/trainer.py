@@ -17,10 +17,12 @@ from megavlm.config.recipe import Recipe, dump_recipe
 from megavlm.config.schema import ConfigError
 from megavlm.data import embedded
 from megavlm.data.build import build_step_loader, open_eval_source, tile_planner
-from megavlm.data.loader import SkipCounter
+from megavlm.data.loader import SKIP_REASONS, SkipCounter
 from megavlm.data.sampler import SamplerState
+from megavlm.data.templates import TemplateMismatch
 from megavlm.data.tokenizer import load_tokenizer
 from megavlm.eval.vlm_eval import EvalContext
+from megavlm.losses.lm_loss import IGNORE_INDEX
 from megavlm.models.common.hf_io import read_hf_dir
 from megavlm.models.registry import get_family
 from megavlm.parallel import init as pinit
@@ -29,14 +31,13 @@ from megavlm.training.checkpoint import CheckpointManager, load_model
 from megavlm.training.accounting import StepCounts, count_step
 from megavlm.training.flops import peak_flops
 from megavlm.training.logging import MetricsLogger
+from megavlm.training.resilience import RunStop, StopRequest, agree_on_error, flags
 from megavlm.training.stages import apply_stage, megatron_optimizer_config, optimizer_groups, set_train_mode
 from megavlm.training.step import configure_schedule, train_step
 from megavlm.training.tasks import make_task
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-SKIP_REASONS = ("missing_image", "corrupt_image", "bad_image_shape", "malformed_record", "image_tag_mismatch",
-                "over_length", "template_mismatch")
 
 
 class Trainer:
@@ -57,9 +58,13 @@ class Trainer:
                         if recipe.data.validation else None)
         self.total_steps = recipe.train.max_steps or max(1, int(recipe.train.epochs * self.sampler.steps_per_epoch))
         self.optimizer, self.scheduler = self._build_optimizer()
-        self.skips = SkipCounter(recipe.data.max_skip_fraction)
+        self.skips = SkipCounter(recipe.data.max_skip_fraction, recipe.data.min_skip_budget,
+                                 kept_reasons={"unrepresentable_text"} if recipe.data.unrepresentable_text == "train" else ())
         self.ckpt = CheckpointManager(recipe.checkpoint, recipe.model, dump_recipe(recipe)) if recipe.checkpoint.dir else None
         self.step, self.metrics, self.finished = 0, {}, False
+        self.metrics_step = None                   # the step self.metrics were measured at
+        self.faults = {"empty_steps": 0, "bad_steps": 0}
+        self.bad_in_a_row = 0
         if resume:
             self._resume()
 
@@ -123,7 +128,7 @@ class Trainer:
 
     # ---- resume / save ---------------------------------------------------------------------
     def _resume(self) -> None:
-        path = self.ckpt.latest() if self.ckpt else None
+        path = self.ckpt.latest_intact() if self.ckpt else None
         if path is None:
             log.warning("--resume: no complete checkpoint under %s, starting from step 0", self.recipe.checkpoint.dir)
             return
@@ -133,39 +138,59 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.skips.load_state_dict(state.get("skips", {}))
         self.metrics = state.get("metrics", {})
+        self.metrics_step = state.get("metrics_step")
+        self.faults.update(state.get("faults", {}))
+        self.bad_in_a_row = int(state.get("bad_in_a_row", 0))
         self.finished = bool(state.get("finished"))
         if self.ctx.is_main:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
     def save(self, finished: bool = False) -> Path:
+        if self.recipe.checkpoint.keep_best and self.val_set is not None and self.metrics_step != self.step:
+            self.metrics = self._validate()  # keep_best ranks checkpoints by metrics of their own step
         state = {"sampler": self.loader.consumed_state.to_dict(), "scheduler": self.scheduler.state_dict(),
-                 "skips": self.skips.state_dict(), "metrics": self.metrics, "stage": self.recipe.stage.name,
+                 "skips": self.skips.state_dict(), "metrics": self.metrics, "metrics_step": self.metrics_step,
+                 "faults": dict(self.faults), "bad_in_a_row": self.bad_in_a_row, "stage": self.recipe.stage.name,
                  "finished": finished}
         with params_in_sync(self.ddp):
             return self.ckpt.save(self.step, self.model, self.optimizer, state)
 
     def _should_save(self, epoch_ended: bool) -> bool:
         c = self.recipe.checkpoint
-        if self.ckpt is None:
+        if self.ckpt is None or self.step >= self.total_steps:
             return False
-        return (c.save_interval and self.step % c.save_interval == 0) or (c.save_every_epoch and epoch_ended)
+        return bool((c.save_interval and self.step % c.save_interval == 0) or (c.save_every_epoch and epoch_ended))
 
     # ---- the loop --------------------------------------------------------------------------
-    def _account_skips(self, skipped: list[tuple[str, str]]) -> None:
-        """Skip counts agree on every rank (summed over DP) before the budget is checked."""
-        counts = torch.zeros(len(SKIP_REASONS), dtype=torch.long)
+    def _account_skips(self, skipped: list[tuple[str, str]], supervised: int) -> int:
+        """Skip counts agree on every rank (summed over DP) before the budget is checked; returns
+        the supervised tokens of the whole global batch (summed along with them)."""
+        counts = flags([0] * (len(SKIP_REASONS) + 1))
         for reason, message in skipped:
-            counts[SKIP_REASONS.index(reason) if reason in SKIP_REASONS else SKIP_REASONS.index("malformed_record")] += 1
+            counts[SKIP_REASONS.index(reason if reason in SKIP_REASONS else "other")] += 1
             if self.ctx.tp_rank == 0 and self.ctx.pp_rank == 0:
-                log.warning("skipped sample: %s", message)
+                log.warning("skipped sample: %s" if reason not in self.skips.kept_reasons else "%s", message)
+        counts[-1] = supervised
         dist.all_reduce(counts, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        counts = counts.tolist()
         last = skipped[-1][1] if skipped else ""
-        self.skips.update(self.recipe.train.global_batch_size, dict(zip(SKIP_REASONS, counts.tolist())), last)
+        self.skips.update(self.recipe.train.global_batch_size, dict(zip(SKIP_REASONS, counts[:-1])), last)
+        return counts[-1]
 
-    def _batches(self) -> list[dict]:
-        batches, skipped = self.loader.next_step()
-        self._account_skips(skipped)
-        return [to_device(b, self.ctx.device) for b in batches]
+    def _batches(self) -> tuple[list[dict], int]:
+        """This rank's micro-batches that have a supervised token (at least one while the global
+        batch has any, so the rank takes part in the gradient reduction), and the global batch's
+        supervised-token count. A template mismatch on any rank stops every rank."""
+        try:
+            batches, skipped = self.loader.next_step()
+            error = None
+        except TemplateMismatch as err:
+            batches, skipped, error = [], [], err
+        agree_on_error(error, parallel_state.get_data_parallel_group(with_context_parallel=True))
+        tokens = [supervised_tokens(b) for b in batches]
+        total = self._account_skips(skipped, sum(tokens))
+        kept = [b for b, n in zip(batches, tokens) if n] or batches[:1]
+        return [to_device(b, self.ctx.device) for b in kept], total
 
     def _step_scalars(self, result, seconds: float, counts: StepCounts) -> dict[str, float]:
         r = self.recipe
@@ -174,7 +199,7 @@ class Trainer:
                         "train/tokens_per_s": counts.real_tokens / seconds,
                         "train/padding_fraction": counts.padding_fraction,
                         "train/samples_per_s": r.train.global_batch_size / seconds,
-                        "train/skipped_samples": float(sum(self.skips.counts.values()))})
+                        "train/skipped_samples": float(self.skips.skipped)})
         for kind, count in getattr(self.loader.backend, "fallbacks", {}).items():
             scalars[f"data/pil_fallback_{kind}"] = float(count)
         opt = r.optimizer
@@ -199,38 +224,98 @@ class Trainer:
             logger.close()
             return dict(self.metrics)
         set_train_mode(self.model)
+        stop = StopRequest(r.train.exit_duration_minutes)
         try:
             while self.step < self.total_steps:
-                start = time.perf_counter()
-                batches = self._batches()
-                counts = count_step(batches, r.model, set(r.stage.trainable),
-                                    parallel_state.get_data_parallel_group(), self.ctx.device)
-                rows = 1 if r.data.packing else r.train.micro_batch_size  # a packed micro-batch is one THD row
-                result = train_step([self.ddp], self.optimizer, batches, loss_fn, r.train.seq_length, rows)
-                if not result.skipped:
-                    self.scheduler.step(1)
-                self.step += 1
-                scalars = self._step_scalars(result, time.perf_counter() - start, counts)
-                logger.log(self.step, scalars)
-                logger.advance(self.step, f"loss {scalars['train/loss']:.4f}")
-                if self.step % r.train.log_interval == 0 or self.step == self.total_steps:
-                    logger.print(f"step {self.step}/{self.total_steps} loss {scalars['train/loss']:.4f} "
-                                 f"grad_norm {scalars['train/grad_norm']:.3f} {scalars['train/tokens_per_s']:.0f} tok/s "
-                                 f"(padding {100 * scalars['train/padding_fraction']:.0f}%)")
+                self._train_one_step(logger, loss_fn)
                 epoch_ended = self.loader.consumed_state.step_in_epoch == self.sampler.steps_per_epoch
                 if r.train.eval_interval and self.step % r.train.eval_interval == 0 and self.val_set is not None:
                     self.metrics = self._validate()
                     logger.log(self.step, self.metrics)
-                if self.step == r.train.exit_at_step and self.step < self.total_steps:
-                    if self.ckpt is not None:
-                        self.save()
-                    logger.print(f"exiting at step {self.step} (train.exit_at_step); continue with --resume")
+                if self.step == self.total_steps:
+                    break
+                reason = stop.poll()
+                if reason is None and self.step == r.train.exit_at_step:
+                    reason = "train.exit_at_step"
+                if reason is not None:
+                    self._stop_early(logger, reason)
                     return dict(self.metrics)
-                if self._should_save(epoch_ended) and self.step < self.total_steps:
+                if self._should_save(epoch_ended):
                     self.save()
             return self._finish(logger)
         finally:
+            stop.close()
             logger.close()
+
+    def _train_one_step(self, logger: MetricsLogger, loss_fn) -> None:
+        r = self.recipe
+        start = time.perf_counter()
+        batches, supervised = self._batches()
+        if supervised == 0:
+            self._empty_step(logger)
+            return
+        counts = count_step(batches, r.model, set(r.stage.trainable), parallel_state.get_data_parallel_group(),
+                            self.ctx.device)
+        rows = 1 if r.data.packing else r.train.micro_batch_size  # a packed micro-batch is one THD row
+        result = train_step([self.ddp], self.optimizer, batches, loss_fn, r.train.seq_length, rows)
+        if not result.skipped:
+            self.scheduler.step(1)
+        self.step += 1
+        self._count_bad_step(result, batches, logger)
+        scalars = self._step_scalars(result, time.perf_counter() - start, counts)
+        scalars.update(self._fault_scalars())
+        logger.log(self.step, scalars)
+        logger.advance(self.step, f"loss {scalars['train/loss']:.4f}")
+        if self.step % r.train.log_interval == 0 or self.step == self.total_steps:
+            logger.print(f"step {self.step}/{self.total_steps} loss {scalars['train/loss']:.4f} "
+                         f"grad_norm {scalars['train/grad_norm']:.3f} {scalars['train/tokens_per_s']:.0f} tok/s "
+                         f"(padding {100 * scalars['train/padding_fraction']:.0f}%)")
+
+    def _empty_step(self, logger: MetricsLogger) -> None:
+        """No sample of the global batch has a supervised token (all skipped, or nothing to
+        predict): no forward, no update, no LR step; counted and logged."""
+        self.step += 1
+        self.faults["empty_steps"] += 1
+        logger.log(self.step, self._fault_scalars())
+        logger.advance(self.step, "empty step")
+        logger.print(f"step {self.step}/{self.total_steps}: no supervised token in the global batch "
+                     f"({self.recipe.train.global_batch_size} samples): step skipped without an update "
+                     f"({self.faults['empty_steps']} so far)")
+
+    def _count_bad_step(self, result, batches: list[dict], logger: MetricsLogger) -> None:
+        """A NaN/Inf loss or gradient norm (every rank skipped the update): log the step and its
+        samples; ``train.max_bad_steps`` in a row stop the run."""
+        if not result.not_finite:
+            self.bad_in_a_row = 0
+            return
+        self.faults["bad_steps"] += 1
+        self.bad_in_a_row += 1
+        bad = [sid for i in result.bad_micro_batches for sid in batches[i]["sample_ids"]]
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (bad, [sid for b in batches for sid in b["sample_ids"]]))
+        named = list(dict.fromkeys(sid for b, _ in gathered for sid in b))
+        samples = (f"micro-batches with a non-finite loss hold {named}" if named else
+                   f"the step's samples: {list(dict.fromkeys(sid for _, every in gathered for sid in every))}")
+        limit = self.recipe.train.max_bad_steps
+        message = (f"step {self.step}: loss {main_loss(result.losses)} / grad norm {result.grad_norm} is not finite: "
+                   f"update skipped on every rank ({self.bad_in_a_row} in a row, train.max_bad_steps={limit}); {samples}")
+        logger.print(message)
+        if self.bad_in_a_row >= limit:
+            raise RunStop(f"{limit} consecutive steps with a non-finite loss or gradient norm; last: {message}")
+
+    def _fault_scalars(self) -> dict[str, float]:
+        """Skips by reason, empty and non-finite steps: cumulative counts for TensorBoard."""
+        scalars = {f"skipped/{reason}": float(n) for reason, n in self.skips.counts.items()}
+        scalars.update({f"train/{name}": float(n) for name, n in self.faults.items()})
+        return scalars
+
+    def _stop_early(self, logger: MetricsLogger, reason: str) -> None:
+        """Preemption, a time limit or train.exit_at_step: save and leave; --resume continues."""
+        if self.ckpt is None:
+            logger.print(f"stopping at step {self.step} ({reason}); no checkpoint.dir, so nothing was saved")
+            return
+        path = self.save()
+        logger.print(f"stopping at step {self.step} ({reason}): saved {path}; continue with --resume")
 
     def _eval_context(self) -> EvalContext:
         r = self.recipe
@@ -241,6 +326,7 @@ class Trainer:
         with params_in_sync(self.ddp):
             metrics = self.task.validate(self._eval_context(), self.val_set)
         set_train_mode(self.model)
+        self.metrics_step = self.step
         return metrics
 
     def _finish(self, logger: MetricsLogger) -> dict[str, float]:
@@ -260,6 +346,8 @@ class Trainer:
         if r.stage.lora is not None and (r.stage.lora.save_merged or r.stage.lora.export_peft):
             self._export_lora(logger)
         logger.print(format_metrics(r.stage.name, metrics))
+        logger.print(f"[{r.stage.name}] {self.skips.summary()}; empty steps {self.faults['empty_steps']}, "
+                     f"steps with a non-finite loss or gradient {self.faults['bad_steps']}")
         return metrics
 
     def _export_lora(self, logger: MetricsLogger) -> None:
@@ -288,6 +376,13 @@ class Trainer:
                 peft_dir, base_dir = export_for_hf(shards, r.model, adapter, lora, root)
                 logger.print(f"wrote PEFT adapters {peft_dir} for the HF model {base_dir}")
             dist.barrier()
+
+
+def supervised_tokens(batch: dict) -> int:
+    """Tokens a micro-batch trains on: labelled tokens, or (image-text pairs) its samples."""
+    if "labels" in batch:
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+    return len(batch["sample_ids"])
 
 
 def main_loss(losses: dict[str, float]) -> float:
