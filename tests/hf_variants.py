@@ -46,7 +46,7 @@ VARIANTS = {
                                                                "connector.tensor_parallel=1"]),
 }
 # also trained at TP=2: the gradients of the parts kept whole are checked against one process's
-WHOLE_MODULES = {"internvl-5-heads-whole-vit": ("vision.",), "blip2-5-heads-whole-qformer": ("vision.", "qformer."),
+WHOLE_MODULES = {"internvl-5-heads-whole-vit": ("vision.",), "blip2-5-heads-whole-qformer": ("qformer.",),
                  "flamingo-3-heads-whole-resampler": ("resampler.",)}
 
 # TP=1 only: head counts TP=2 does not divide

@@ -135,9 +135,13 @@ def test_variants_at_tp2(tmp_path):
         ref = hf_variants_tp.whole_grads(variant, ctx, process_groups(), ParallelConfig())["grads"]
         tp2 = torch.load(tmp_path / f"{variant}_grads.pt")
         assert set(tp2) == set(ref) and ref, variant
+        # HF starts the Q-Former's query tokens at zero: the LayerNorm right after them gets no weight gradient
+        assert all(grad.abs().sum() > 0 for name, grad in ref.items() if name != "qformer.layernorm.weight"), variant
         for name, grad in ref.items():
-            assert grad.abs().sum() > 0, name
-            torch.testing.assert_close(tp2[name], grad, rtol=1e-4, atol=1e-7, msg=lambda m: f"{variant} {name}: {m}")
+            # fp32 sums in another order: tolerances scale with the tensor's largest gradient
+            # (counting a whole module's gradient twice would be off by 2x)
+            torch.testing.assert_close(tp2[name], grad, rtol=1e-4, atol=1e-6 * grad.abs().max().item() + 1e-10,
+                                       msg=lambda m: f"{variant} {name}: {m}")
     first = next(iter(hf_variants.WHOLE_MODULES))
     cfg = hf_variants.variant_config(first)
     model = build_model(cfg, ParallelConfig(), ctx, process_groups())

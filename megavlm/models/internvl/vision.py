@@ -65,7 +65,8 @@ class FullWidthRMSNorm(torch.nn.Module):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 0},
+        split = {"weight": 0} if self.tp_size > 1 else {}  # a ViT kept whole on every rank: not split
+        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix, split,
                                                    sharded_offsets)
 
 
