@@ -46,7 +46,8 @@ if [ "$MODE" = dry ]; then
                 pydantic/__init__.py pydantic_core/__init__.py nvdlfw_inspect/__init__.py; do
       [ -e "$TMP/site/$must" ] || { echo "dry run: $must missing from the installed wheels" >&2; exit 1; }
     done
-    echo "wheels: joined, sha256-checked and installed for cp312 into a scratch target (then removed)"
+    rm -rf "$TMP"
+    echo "wheels: joined, sha256-checked and installed for cp312 into a scratch target (now removed)"
   fi
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   exec "$PY" tools/gpu/verify_all.py --cpu-dry-run --started "$STARTED" "${PYARGS[@]}"
