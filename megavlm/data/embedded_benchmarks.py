@@ -57,12 +57,16 @@ def _name(obj: tuple[str, str]) -> str:
 
 # ---- question makers (shared by the benchmarks and the instruction data) ----------------------
 def vqa_answers(answer: str, rng: random.Random) -> list[str]:
-    """Ten annotators: the answer in a few surface forms, now and then a wrong one."""
+    """Ten annotators: the answer in a few surface forms, and up to two wrong ones (so the truth
+    still scores 1, and a wrong answer some annotators gave scores 1/3 or 2/3)."""
     forms = [answer, answer.capitalize(), answer + "."] + ([NUMERALS[answer]] if answer in NUMERALS else [])
     if answer.startswith("a "):
         forms.append(answer[2:])
     wrong = rng.choice([c for c in list(E.COLORS) + list(E.SHAPES) + list(NUMERALS) if c not in answer])
-    return [wrong if rng.random() < 0.1 else rng.choice(forms) for _ in range(10)]
+    answers = [rng.choice(forms) for _ in range(10)]
+    for slot in rng.sample(range(10), rng.choice([0, 0, 1, 2])):
+        answers[slot] = wrong
+    return answers
 
 
 def pope_questions(scene: dict, rng: random.Random, split: str, frequent: list) -> list[tuple[str, str]]:
@@ -238,17 +242,17 @@ def instruct_conversations(scenes, rng, image_dir: Path, out: Path, size: int) -
     for i, (scene, data, boxes) in enumerate(scenes):
         rel = f"images/bench_train/bench_train_{i:05d}.jpg"
         (out / rel).write_bytes(data)
-        kind = i % 5
+        kind = i % 6              # POPE-style questions twice as often: yes/no needs the most examples
         if kind == 0:
             question, answer = rng.choice(E.questions(scene))
             question += SHORT_ANSWER
-        elif kind == 1:
-            question, answer = rng.choice(pope_questions(scene, rng, rng.choice(["random", "adversarial"]), []))
+        elif kind in (1, 2):
+            question, answer = pope_questions(scene, rng, rng.choice(["random", "adversarial"]), [])[i // 6 % 2]
             question += SHORT_ANSWER
-        elif kind == 2:
+        elif kind == 3:
             q, options, answer_index, hint = choice_question(scene, rng)
             question, answer = format_question(q, options, hint), LETTERS[answer_index]
-        elif kind == 3 and referring(scene, boxes):
+        elif kind == 4 and referring(scene, boxes):
             expression, box = rng.choice(referring(scene, boxes))
             question, answer = REC_PROMPT.format(expression), box_text(box, size)
         else:

@@ -39,7 +39,8 @@ class Answered:
 
 def load_benchmarks(specs) -> list[LoadedBenchmark]:
     """Every ``{name, path, max_samples}`` loaded, or a BenchmarkError naming the benchmark, file
-    and record; ``max_samples`` keeps the first N questions with all their variants."""
+    and record; ``max_samples`` keeps the first N questions (of each subset, e.g. POPE's splits)
+    with all their variants (MMBench's rotations)."""
     loaded = []
     for spec in specs:
         benchmark = get_benchmark(spec.name)
@@ -48,15 +49,23 @@ def load_benchmarks(specs) -> list[LoadedBenchmark]:
             raise BenchmarkError(f"{spec.name}: {path} does not exist")
         samples = benchmark.load(path)
         if spec.max_samples is not None:
-            keep = list(dict.fromkeys(s.meta.get("question", s.sample_id) for s in samples))[: spec.max_samples]
-            keep = set(keep)
-            samples = [s for s in samples if s.meta.get("question", s.sample_id) in keep]
+            samples = _first_questions(samples, spec.max_samples)
         ids = [s.sample_id for s in samples]
         if len(set(ids)) != len(ids):
             dup = next(i for i in ids if ids.count(i) > 1)
             raise BenchmarkError(f"{spec.name}: sample id {dup!r} occurs more than once in {path}")
         loaded.append(LoadedBenchmark(benchmark, str(path), samples))
     return loaded
+
+
+def _first_questions(samples: list[Sample], limit: int) -> list[Sample]:
+    keep: dict = {}
+    for s in samples:
+        subset = keep.setdefault(s.meta.get("split"), {})
+        question = s.meta.get("question", s.sample_id)
+        if len(subset) < limit:
+            subset.setdefault(question, True)
+    return [s for s in samples if s.meta.get("question", s.sample_id) in keep[s.meta.get("split")]]
 
 
 def _image_bytes(sample: Sample) -> bytes:

@@ -116,6 +116,8 @@ def qformer_validation_loss(ctx, source, loss_fn, limit: int) -> dict[str, float
         set_train_mode(chunk, False)
     batches, _, _ = _batches(ctx, source, limit)
     batches = [b for b in batches if b["text_ids"].shape[0] == ctx.micro_batch_size]
+    if not batches:   # nothing to evaluate: say so instead of running an empty schedule
+        return {"val/loss": float("nan")}
     with torch.no_grad():
         result = forward_backward(ctx.model_chunks, batches, loss_fn, ctx.seq_length, ctx.micro_batch_size,
                                   forward_only=True)
