@@ -236,29 +236,25 @@ def write_refcoco(root: Path, scenes, size: int) -> None:
 
 
 def instruct_conversations(scenes, rng, image_dir: Path, out: Path, size: int) -> list[dict]:
-    """One benchmark-style question per training scene, cycling through the kinds."""
+    """Every kind of benchmark question about each training scene (a short answer, a present and
+    an absent object, lettered options, a box, a caption), one record each, sharing the image."""
     image_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for i, (scene, data, boxes) in enumerate(scenes):
         rel = f"images/bench_train/bench_train_{i:05d}.jpg"
         (out / rel).write_bytes(data)
-        kind = i % 6              # POPE-style questions twice as often: yes/no needs the most examples
-        if kind == 0:
-            question, answer = rng.choice(E.questions(scene))
-            question += SHORT_ANSWER
-        elif kind in (1, 2):
-            question, answer = pope_questions(scene, rng, rng.choice(["random", "adversarial"]), [])[i // 6 % 2]
-            question += SHORT_ANSWER
-        elif kind == 3:
-            q, options, answer_index, hint = choice_question(scene, rng)
-            question, answer = format_question(q, options, hint), LETTERS[answer_index]
-        elif kind == 4 and referring(scene, boxes):
+        question, answer = rng.choice(E.questions(scene))
+        pairs = [(question + SHORT_ANSWER, answer)]
+        pairs += [(q + SHORT_ANSWER, a) for q, a in pope_questions(scene, rng, rng.choice(["random", "adversarial"]), [])]
+        q, options, answer_index, hint = choice_question(scene, rng)
+        pairs.append((format_question(q, options, hint), LETTERS[answer_index]))
+        if referring(scene, boxes):
             expression, box = rng.choice(referring(scene, boxes))
-            question, answer = REC_PROMPT.format(expression), box_text(box, size)
-        else:
-            question, answer = CAPTION_PROMPT, E.caption(scene)
-        records.append({"id": f"bench_train_{i:05d}", "image": rel, "conversations": [
-            {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
+            pairs.append((REC_PROMPT.format(expression), box_text(box, size)))
+        pairs.append((CAPTION_PROMPT, E.caption(scene)))
+        for k, (question, answer) in enumerate(pairs):
+            records.append({"id": f"bench_train_{i:05d}_{k}", "image": rel, "conversations": [
+                {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
     return records
 
 
