@@ -34,7 +34,7 @@ def stage3_checkpoint(single_process, small_embedded, tmp_path_factory):
         f"data.train={d}/captions_train.jsonl", f"data.validation={d}/captions_val.jsonl", "stage.init_from=null",
         f"checkpoint.dir={out}/stage2", f"train.max_steps={STAGE2_STEPS}"])).run()
     sources = (f"data.sources=[{{path: {d}/conversations_train.json, format: conversations}}, "
-               f"{{path: {out}/instruct_short.json, format: conversations}}]")
+               f"{{path: {out}/instruct_short.json, format: conversations, root: {d}}}]")
     Trainer(load_recipe(QUICKSTART / "llava_debug_stage3.yaml", common + [
         "data.train=", sources, "data.samples_per_epoch=null", f"data.validation={d}/conversations_val.json",
         f"stage.init_from={out}/stage2", f"checkpoint.dir={out}/stage3", f"train.max_steps={STAGE3_STEPS}"])).run()
