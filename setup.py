@@ -36,6 +36,7 @@ setup(
         "tensorboard>=2.14",
         "rich>=13",
         "webdataset>=0.2",
+        "pycocoevalcap>=1.2,<1.3",   # CIDEr-D and BLEU scorers (the Java tokenizer, METEOR, SPICE are not used)
     ],
     extras_require={
         "hf": ["transformers>=5,<6"],

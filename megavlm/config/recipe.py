@@ -234,6 +234,23 @@ class LoggingConfig:
 
 
 @dataclass
+class BenchmarkConfig:
+    """One benchmark from a local copy in its published format (eval/benchmarks/)."""
+
+    name: str = ""                       # vqav2, okvqa, textvqa, coco_captions, pope, mmbench, ...
+    path: str = ""                       # its directory (or file)
+    max_samples: Optional[int] = None    # the first N questions (all rotations of each); None: all
+
+    def __post_init__(self):
+        from megavlm.eval.benchmarks import BENCHMARK_NAMES
+
+        check(self.name in BENCHMARK_NAMES, "eval.benchmarks[].name",
+              f"unknown benchmark {self.name!r}; known: {', '.join(BENCHMARK_NAMES)}")
+        check(bool(self.path), "eval.benchmarks[].path", f"benchmark {self.name!r} needs a path")
+        check(self.max_samples is None or self.max_samples >= 0, "eval.benchmarks[].max_samples", "must be >= 0")
+
+
+@dataclass
 class EvalConfig:
     """Held-out metrics at the end of the stage (and every train.eval_interval steps)."""
 
@@ -247,6 +264,9 @@ class EvalConfig:
     # image-caption pairs, then the query image); caption token accuracy per k in few_shot
     few_shot_captions: Optional[str] = None
     few_shot: list[int] = field(default_factory=lambda: [0, 2, 4])
+    # standard benchmarks at the end of the stage: [{name, path, max_samples}], answers generated
+    # greedily with the KV cache (eval/benchmark_runner.py); results in <checkpoint.dir>/eval/
+    benchmarks: list[BenchmarkConfig] = field(default_factory=list)
 
     def __post_init__(self):
         check(all(k >= 0 for k in self.few_shot), "eval.few_shot", "shot counts must be >= 0")

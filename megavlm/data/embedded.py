@@ -10,6 +10,9 @@ Writes, under ``--out``:
                                      character of a user's own captions is spelled in UTF-8 bytes, never
                                      unknown); "<image>", the Llama-3 markers, "[DEC]" (BLIP-2) and
                                      "<|endofchunk|>" (Flamingo) are single tokens
+  benchmarks/, benchmark_instruct_train.json
+                                     small standard benchmarks in their published formats, and
+                                     benchmark-style instruction data (data/embedded_benchmarks.py)
   manifest.json                      counts, seed and generator version
 
 Scenes are either a group (1-3 shapes of one colour and kind: "two red circles on a white
@@ -30,7 +33,7 @@ from PIL import Image, ImageDraw
 
 from megavlm.data.tokenizer import END_OF_CHUNK
 
-VERSION = 5
+VERSION = 6
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
 SHAPES = ("circle", "square", "triangle")
@@ -65,9 +68,15 @@ def _pair_scene(rng: random.Random) -> dict:
 
 
 def render(scene: dict, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
+    return render_with_boxes(scene, rng, size)[0]
+
+
+def render_with_boxes(scene: dict, rng: random.Random, size: int = IMAGE_SIZE) -> tuple[Image.Image, list[tuple]]:
+    """The image and each shape's (colour, shape, [x1, y1, x2, y2]) in pixels, in drawing order."""
     image = Image.new("RGB", (size, size), BACKGROUNDS[scene["background"]])
     draw = ImageDraw.Draw(image)
     r = size * rng.uniform(0.10, 0.14)
+    boxes = []
     if scene["kind"] == "group":
         n = scene["count"]
         slots = rng.sample(range(4), n)  # quadrant-ish slots keep shapes apart
@@ -75,11 +84,18 @@ def render(scene: dict, rng: random.Random, size: int = IMAGE_SIZE) -> Image.Ima
             cx = size * (0.28 + 0.44 * (slot % 2)) + rng.uniform(-3, 3)
             cy = size * (0.28 + 0.44 * (slot // 2)) + rng.uniform(-3, 3)
             _draw_shape(draw, scene["shape"], cx, cy, r, COLORS[scene["color"]])
+            boxes.append((scene["color"], scene["shape"], _box(scene["shape"], cx, cy, r)))
     else:
         cy = size * rng.uniform(0.35, 0.65)
         for (color, shape), cx in ((scene["left"], size * 0.27), (scene["right"], size * 0.73)):
-            _draw_shape(draw, shape, cx + rng.uniform(-3, 3), cy + rng.uniform(-4, 4), r, COLORS[color])
-    return image
+            x, y = cx + rng.uniform(-3, 3), cy + rng.uniform(-4, 4)
+            _draw_shape(draw, shape, x, y, r, COLORS[color])
+            boxes.append((color, shape, _box(shape, x, y, r)))
+    return image, boxes
+
+
+def _box(shape: str, cx: float, cy: float, r: float) -> list[float]:
+    return [cx - r, cy - r, cx + r, cy + r * (0.85 if shape == "triangle" else 1.0)]
 
 
 def caption(scene: dict) -> str:
@@ -164,8 +180,10 @@ def _train_tokenizer(out: Path, texts: list[str], vocab_size: int) -> None:
     corpus.unlink()
 
 
-def generate(out: str | Path, seed: int = 0, splits: dict[str, int] | None = None, vocab_size: int = 512) -> dict:
+def generate(out: str | Path, seed: int = 0, splits: dict[str, int] | None = None, vocab_size: int = 512,
+             benchmark_images: int = 64) -> dict:
     """Write the dataset (deterministic for a seed); returns the manifest."""
+    from megavlm.data.embedded_benchmarks import generate_benchmarks
     from megavlm.data.templates import TEMPLATES
 
     out = Path(out)
@@ -177,10 +195,11 @@ def generate(out: str | Path, seed: int = 0, splits: dict[str, int] | None = Non
         counts[split] = count
         texts += [c["caption"] for c in captions]
         texts += [turn["value"].replace("<image>\n", "") for conv in convs for turn in conv["conversations"]]
-    texts += [t.system + " " + t.user + " " + t.assistant for t in TEMPLATES.values()]
+    texts += [t.system + " " + t.user + " " + t.assistant for t in TEMPLATES.values()] * 200  # as frequent as a reply
+    texts += generate_benchmarks(out, seed, benchmark_images, train_images=max(benchmark_images, counts.get("train", 0) // 4))
     _train_tokenizer(out, texts, vocab_size)
     manifest = {"version": VERSION, "seed": seed, "splits": counts, "image_size": IMAGE_SIZE,
-                "tokenizer": "tokenizer.model"}
+                "tokenizer": "tokenizer.model", "benchmark_images": benchmark_images}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
 

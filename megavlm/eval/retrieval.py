@@ -7,6 +7,8 @@ same criterion (the share of items with the query's caption, averaged over queri
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -23,15 +25,20 @@ def _unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
 
-def _batches(ctx, source, limit: int) -> tuple[list[dict], list[str]]:
+def _batches(ctx, source, limit: int, skipped: list | None = None) -> tuple[list[dict], list[str], list[str]]:
+    """Micro-batches of the first ``limit`` records, their captions and sample ids."""
     cfg = ctx.model_cfg
     builder = TextExampleBuilder(ctx.tokenizer, ctx.seq_length)
-    examples, _ = load_examples(source, builder, PILBackend(cfg.vision.image_size), list(range(min(limit, len(source)))), 0)
+    examples, bad = load_examples(source, builder, PILBackend(cfg.vision.image_size),
+                                  list(range(min(limit, len(source)))), 0)
+    if skipped is not None:
+        skipped.extend(bad)
     captions = [ctx.tokenizer.decode(ex.input_ids[len(ctx.tokenizer.bos_ids):-1]) for ex in examples]
     mbs = ctx.micro_batch_size
     batches = [text_micro_batch(examples[i:i + mbs], mbs, ctx.seq_length, ctx.tokenizer.pad_id, cfg.vision.image_size)
                for i in range(0, len(examples), mbs)]
-    return [{k: v.to(ctx.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches], captions
+    return ([{k: v.to(ctx.device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches], captions,
+            [ex.sample_id for ex in examples])
 
 
 @torch.no_grad()
@@ -77,20 +84,26 @@ def _rerank(model, sims, image_embeds, ids, masks, top_k: int, rows_are_images: 
     return out.scatter(1, top, itm + sims.gather(1, top))
 
 
-def retrieval_metrics(ctx, source, limit: int, top_k: int = 8) -> dict[str, float]:
+def retrieval_metrics(ctx, source, limit: int, top_k: int = 8, group_of: dict | None = None,
+                      skipped: list | None = None) -> dict[str, float]:
+    """``group_of``: sample id -> the key items must share to count as right (a benchmark's
+    image, so any of its captions is a hit); default: the caption text."""
     model = _unwrap(ctx.model_chunks[0])
     set_train_mode(model, False)
-    batches, captions = _batches(ctx, source, limit)
+    batches, captions, sample_ids = _batches(ctx, source, limit, skipped)
+    if not captions:
+        return {"retrieval_samples": 0.0}
     image_feats, image_embeds, text_feats, ids, masks = _embed(model, batches)
     sims = torch.einsum("iqe,te->itq", image_feats, text_feats).amax(-1).float()        # [images, texts]
-    keys = {c: i for i, c in enumerate(dict.fromkeys(captions))}
-    label = torch.tensor([keys[c] for c in captions], device=sims.device)
+    groups = [group_of[i] for i in sample_ids] if group_of else captions
+    keys = {c: i for i, c in enumerate(dict.fromkeys(groups))}
+    label = torch.tensor([keys[c] for c in groups], device=sims.device)
     correct = label[:, None] == label[None, :]                                           # same caption
     i2t_itm = _rerank(model, sims, image_embeds, ids, masks, top_k, rows_are_images=True)
     t2i_itm = _rerank(model, sims.t().contiguous(), image_embeds, ids, masks, top_k, rows_are_images=False)
     metrics = {"retrieval_samples": float(len(captions)),
                "retrieval_chance_r1": correct.float().mean().item()}
-    for k in (1, 5):
+    for k in (1, 5, 10):
         metrics[f"i2t_r{k}_itc"] = _recall(sims, correct, k)
         metrics[f"t2i_r{k}_itc"] = _recall(sims.t(), correct, k)
         metrics[f"i2t_r{k}_itm"] = _recall(i2t_itm, correct, k)
@@ -101,9 +114,28 @@ def retrieval_metrics(ctx, source, limit: int, top_k: int = 8) -> dict[str, floa
 def qformer_validation_loss(ctx, source, loss_fn, limit: int) -> dict[str, float]:
     for chunk in ctx.model_chunks:
         set_train_mode(chunk, False)
-    batches, _ = _batches(ctx, source, limit)
+    batches, _, _ = _batches(ctx, source, limit)
     batches = [b for b in batches if b["text_ids"].shape[0] == ctx.micro_batch_size]
+    if not batches:   # nothing to evaluate: say so instead of running an empty schedule
+        return {"val/loss": float("nan")}
     with torch.no_grad():
         result = forward_backward(ctx.model_chunks, batches, loss_fn, ctx.seq_length, ctx.micro_batch_size,
                                   forward_only=True)
     return {f"val/{name}": value for name, value in result.losses.items()}
+
+
+def retrieval_metrics_for_samples(ctx, samples: list) -> tuple[dict[str, float], dict[str, int]]:
+    """A retrieval benchmark's (image, caption) samples (eval/benchmarks/retrieval.py); returns
+    its metrics and the samples skipped by reason."""
+    from megavlm.data.records import ImageRef, Record
+
+    records = [Record(s.sample_id, [ImageRef(str(s.image), data=s.image) if isinstance(s.image, bytes)
+                                    else ImageRef(str(s.image), path=Path(s.image))], turns=[("", s.question)])
+               for s in samples]
+    skipped: list = []
+    metrics = retrieval_metrics(ctx, records, len(records), group_of={s.sample_id: s.meta["group"] for s in samples},
+                                skipped=skipped)
+    counts: dict[str, int] = {}
+    for reason, _ in skipped:
+        counts[reason] = counts.get(reason, 0) + 1
+    return metrics, counts

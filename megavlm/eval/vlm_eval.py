@@ -13,7 +13,7 @@ from megavlm.data.examples import Example, ExampleBuilder
 from megavlm.data.images import PILBackend, blank_image
 from megavlm.data.loader import load_examples
 from megavlm.data.templates import BadSample, shifted_labels
-from megavlm.eval.generate import greedy_generate, token_accuracy
+from megavlm.eval.generate import SamplingConfig, generate, token_accuracy
 from megavlm.training.stages import set_train_mode
 
 
@@ -40,22 +40,28 @@ def _with_blank_images(batch: dict, size: int) -> dict:
 
 
 def eval_micro_batches(ctx: EvalContext, source, template: str, limit: int) -> list[dict]:
-    """Padded micro-batches of the first ``limit`` usable samples (PIL decoding, no augmentation)."""
+    """Padded micro-batches of the first ``limit`` usable samples (PIL decoding, no augmentation);
+    the last one is filled up with padding rows (no supervised tokens), so every sample counts."""
     cfg = ctx.model_cfg
     builder = ExampleBuilder(encoder_for(cfg, ctx.tokenizer, template), ctx.seq_length, end_of_chunk=ctx.end_of_chunk,
                              tiler=ctx.tiler)
     examples, _ = load_examples(source, builder, PILBackend(cfg.vision.image_size), list(range(min(limit, len(source)))), 0)
+    return _padded(ctx, examples)
+
+
+def _padded(ctx: EvalContext, examples: list) -> list[dict]:
     mbs = ctx.micro_batch_size
-    usable = len(examples) // mbs * mbs
     return [_to_device(pad_micro_batch(examples[i:i + mbs], mbs, ctx.seq_length, ctx.tokenizer.pad_id,
-                                       cfg.vision.image_size), ctx.device) for i in range(0, usable, mbs)]
+                                       ctx.model_cfg.vision.image_size), ctx.device)
+            for i in range(0, len(examples), mbs)]
 
 
 def teacher_forced(ctx: EvalContext, source, template: str, limit: int, blank: bool) -> dict:
     batches = eval_micro_batches(ctx, source, template, limit)
     if blank:
         batches = [_with_blank_images(b, ctx.model_cfg.vision.image_size) for b in batches]
-    return token_accuracy(ctx.model_chunks, batches, ctx.head, ctx.seq_length)
+    samples = sum(len(b["sample_ids"]) for b in batches)
+    return dict(token_accuracy(ctx.model_chunks, batches, ctx.head, ctx.seq_length), samples=samples)
 
 
 def _vqa_items(ctx: EvalContext, source, template: str, limit: int) -> list[dict]:
@@ -92,25 +98,19 @@ def vqa_exact_match(ctx: EvalContext, source, template: str, limit: int, max_new
     cfg = ctx.model_cfg
     items = _vqa_items(ctx, source, template, limit)
     size, mbs = cfg.vision.image_size, ctx.micro_batch_size
-    evaluated = len(items) - len(items) % mbs
     correct = 0
-    for start in range(0, evaluated, mbs):
+    for start in range(0, len(items), mbs):
         chunk = items[start: start + mbs]
-        ids = torch.full((mbs, ctx.seq_length), ctx.tokenizer.pad_id, dtype=torch.long)
-        for row, item in enumerate(chunk):
-            ids[row, : len(item["prompt"])] = torch.tensor(item["prompt"])
         images = [img for item in chunk for img in item["images"]]
         pixel = torch.cat(images) if images else torch.zeros(0, 3, size, size)
         if blank and images:
             pixel = blank_image(size).expand(pixel.shape[0], -1, -1, -1).contiguous()
         per_sample = [sum(t.shape[0] for t in i["images"]) for i in chunk]
-        batch = _to_device({"input_ids": ids, "images": pixel, "images_per_sample": torch.tensor(per_sample)},
-                           ctx.device)
-        outputs = greedy_generate(ctx.model_chunks, batch, [len(i["prompt"]) for i in chunk], ctx.head,
-                                  ctx.tokenizer.eos_id, max_new_tokens, exclude=cfg.image_token_id)
+        outputs = generate(ctx.model_chunks, [i["prompt"] for i in chunk], pixel, per_sample, ctx.head, ctx.tokenizer,
+                           SamplingConfig(max_new_tokens=max_new_tokens), banned=[cfg.image_token_id])
         for item, out in zip(chunk, outputs):
-            correct += _normalize_answer(ctx.tokenizer.decode(out)) == _normalize_answer(item["answer"])
-    return {"exact_match": correct / max(evaluated, 1), "samples": evaluated}
+            correct += _normalize_answer(out.text) == _normalize_answer(item["answer"])
+    return {"exact_match": correct / len(items) if items else float("nan"), "samples": len(items)}
 
 
 def _few_shot_examples(ctx: EvalContext, source, shots: int, limit: int) -> list[Example]:
@@ -150,14 +150,8 @@ def few_shot_captioning(ctx: EvalContext, source, shots: int, limit: int, blank:
         query = blank_image(ctx.model_cfg.vision.image_size)
         for ex in examples:
             ex.pixels[-1] = query
-    mbs, cfg = ctx.micro_batch_size, ctx.model_cfg
-    usable = len(examples) // mbs * mbs
-    batches = [_to_device(pad_micro_batch(examples[i:i + mbs], mbs, ctx.seq_length, ctx.tokenizer.pad_id,
-                                          cfg.vision.image_size), ctx.device) for i in range(0, usable, mbs)]
-    if not batches:
-        raise ValueError(f"few-shot captioning ({shots} shots): no query fits train.seq_length {ctx.seq_length} "
-                         f"in micro-batches of {mbs}")
-    return dict(token_accuracy(ctx.model_chunks, batches, ctx.head, ctx.seq_length), samples=usable)
+    return dict(token_accuracy(ctx.model_chunks, _padded(ctx, examples), ctx.head, ctx.seq_length),
+                samples=len(examples))
 
 
 def evaluate_vlm(ctx: EvalContext, eval_cfg, template: str) -> dict[str, float]:

@@ -54,6 +54,7 @@ class Trainer:
         self.train_set, self.sampler, self.loader = build_step_loader(recipe, self.tokenizer, self.task.builder(),
                                                                       self.task.collate, self.ctx.dp_rank,
                                                                       self.ctx.dp_size, self.ctx.device.index)
+        self.benchmarks = self._load_benchmarks()
         self.val_set = (open_eval_source(recipe.data.validation, recipe.data.format, recipe.data.root, "data.validation")
                         if recipe.data.validation else None)
         self.total_steps = recipe.train.max_steps or max(1, int(recipe.train.epochs * self.sampler.steps_per_epoch))
@@ -112,6 +113,36 @@ class Trainer:
                 raise ConfigError(f"stage.init_components_from_hf: {key} has shape {tuple(tensor.shape)} in the HF "
                                   f"checkpoint but {tuple(own[key].shape)} in the model: check model.* against it")
         model.load_state_dict({k: v.to(self.dtype) for k, v in local.items()}, strict=False)
+
+    def _load_benchmarks(self) -> list:
+        """eval.benchmarks, read now so that a bad file fails before training does."""
+        from megavlm.eval.benchmark_runner import load_benchmarks
+        from megavlm.eval.benchmarks import BenchmarkError
+
+        try:
+            loaded = load_benchmarks(self.recipe.eval.benchmarks)
+        except BenchmarkError as err:
+            raise ConfigError(f"eval.benchmarks: {err}") from None
+        wanted = "retrieval" if self.recipe.model.head == "qformer" else "generate"
+        for lb in loaded:
+            if lb.benchmark.kind != wanted:
+                raise ConfigError(f"eval.benchmarks: {lb.benchmark.name} needs a model that "
+                                  f"{'generates answers' if lb.benchmark.kind == 'generate' else 'scores image-text pairs (ITC)'}"
+                                  f"; this stage's head is {self.recipe.model.head!r}")
+        return loaded
+
+    def _run_benchmarks(self, logger: MetricsLogger) -> dict[str, float]:
+        from megavlm.eval.benchmark_runner import flat_metrics, format_table, run_benchmarks, write_results
+
+        r = self.recipe
+        results = run_benchmarks(self._eval_context(), self.benchmarks, r.data.template, self.ctx.dp_rank,
+                                 self.ctx.dp_size, parallel_state.get_data_parallel_group(),
+                                 r.eval.blank_image_baseline, show_progress=self.ctx.is_main and r.logging.progress)
+        if self.ctx.is_main:
+            if r.checkpoint.dir:
+                write_results(results, Path(r.checkpoint.dir) / "eval", {"step": self.step, "stage": r.stage.name})
+            logger.print(format_table(results))
+        return {f"bench/{k}": v for k, v in flat_metrics(results).items()}
 
     def _build_optimizer(self):
         opt = self.recipe.optimizer
@@ -334,6 +365,8 @@ class Trainer:
         metrics = self._validate() if self.val_set is not None else {}
         with params_in_sync(self.ddp):
             metrics.update(self.task.evaluate(self._eval_context()))
+            if self.benchmarks:
+                metrics.update(self._run_benchmarks(logger))
         set_train_mode(self.model)
         self.metrics = metrics
         logger.log(self.step, {f"eval/{k}" if "/" not in k else k: v for k, v in metrics.items()})
@@ -404,7 +437,11 @@ def to_device(batch: dict, device) -> dict:
 
 def format_metrics(stage: str, metrics: dict[str, float]) -> str:
     lines = [f"[{stage}] held-out metrics"]
-    for name in sorted(k for k in metrics if not k.endswith("_blank")):
+    for name in sorted(k for k in metrics if not k.endswith("_blank") and not k.startswith("bench/")):
         blank = metrics.get(name + "_blank")
-        lines.append(f"  {name:<28} {metrics[name]:.4f}" + (f"   (blank image: {blank:.4f})" if blank is not None else ""))
+        lines.append(f"  {name:<28} {_value(metrics[name])}" + (f"   (blank image: {_value(blank)})" if blank is not None else ""))
     return "\n".join(lines)
+
+
+def _value(value: float) -> str:
+    return "no samples" if value != value else f"{value:.4f}"   # NaN: nothing was evaluated

@@ -93,11 +93,16 @@ class VLMBase(LanguageModelHost, abc.ABC):
             merged = scatter_to_sequence_parallel_region(merged, group=self.language_model.pg_collection.tp)
         return merged
 
-    def forward(self, input_ids: torch.Tensor, images=None, images_per_sample=None, position_ids=None,
-                attention_mask=None, packed_seq_params=None) -> torch.Tensor:
-        """First stage: from tokens and images; later stages: from the pipeline input.
-        Returns logits [b, s, vocab/TP] (or hidden states for a fused loss head) on the last
-        stage, hidden states [s, b, h] elsewhere."""
-        decoder_input = self.embed(input_ids, images, images_per_sample, position_ids) if self.pre_process else None
+    def forward(self, input_ids: torch.Tensor | None = None, images=None, images_per_sample=None, position_ids=None,
+                attention_mask=None, packed_seq_params=None, decoder_input=None, inference_context=None) -> torch.Tensor:
+        """First stage: from tokens and images (or from ``decoder_input``, embeddings generation
+        made already); later stages: from the pipeline input. Returns logits [b, s, vocab/TP] (or
+        hidden states for a fused loss head) on the last stage, hidden states [s, b, h] elsewhere.
+        ``inference_context``: megatron-core's KV cache (eval/generate.py); the logits of the last
+        position only then come back, gathered over TP as megatron-core requires there."""
+        if decoder_input is None and self.pre_process:
+            decoder_input = self.embed(input_ids, images, images_per_sample, position_ids)
         return self.language_model(input_ids=None, position_ids=None, attention_mask=attention_mask,
-                                   decoder_input=decoder_input, packed_seq_params=packed_seq_params)
+                                   decoder_input=decoder_input, packed_seq_params=packed_seq_params,
+                                   inference_context=inference_context,
+                                   runtime_gather_output=True if inference_context is not None else None)
