@@ -1,4 +1,4 @@
-"""The one place that chooses layer implementations (Principle 1).
+"""The one place that chooses layer implementations, so that a model file never branches on them.
 
 ``local``: megatron-core's tensor-parallel linears, torch norms and SDPA core attention; runs on CPU
 and GPU. ``te``: megatron-core's Transformer Engine spec (fused LayerNorm+linear, fused attention,
