@@ -28,7 +28,7 @@ from megavlm.parallel import init as pinit
 from megavlm.training.build import build_model, load_local_state, wrap_ddp
 from megavlm.training.checkpoint import CheckpointManager, load_model
 from megavlm.training.flops import peak_flops, sample_flops
-from megavlm.training.logging import MetricsLogger
+from megavlm.training.logging import MetricsLogger, format_metrics  # noqa: F401 (format_metrics: re-exported)
 from megavlm.training.stages import apply_stage, megatron_optimizer_config, optimizer_groups, set_train_mode
 from megavlm.training.step import configure_schedule, train_step
 from megavlm.training.tasks import make_task
@@ -208,9 +208,10 @@ class Trainer:
                 if not result.skipped:
                     self.scheduler.step(1)
                 self.step += 1
-                scalars = self._step_scalars(result, time.perf_counter() - start, images)
+                seconds = time.perf_counter() - start
+                scalars = self._step_scalars(result, seconds, images)
                 logger.log(self.step, scalars)
-                logger.advance(self.step, f"loss {scalars['train/loss']:.4f}")
+                logger.advance(self.step, scalars, seconds)
                 if self.step % r.train.log_interval == 0 or self.step == self.total_steps:
                     logger.print(f"step {self.step}/{self.total_steps} loss {scalars['train/loss']:.4f} "
                                  f"grad_norm {scalars['train/grad_norm']:.3f} {scalars['train/tokens_per_s']:.0f} tok/s")
@@ -246,6 +247,7 @@ class Trainer:
         set_train_mode(self.model)
         self.metrics = metrics
         logger.log(self.step, {f"eval/{k}" if "/" not in k else k: v for k, v in metrics.items()})
+        path = None
         if self.ckpt is not None:
             path = self.save(finished=True)
             if self.ctx.is_main:
@@ -254,7 +256,7 @@ class Trainer:
                                 "skipped": self.skips.state_dict()}, indent=2))
         if r.stage.lora is not None and (r.stage.lora.save_merged or r.stage.lora.export_peft):
             self._export_lora(logger)
-        logger.print(format_metrics(r.stage.name, metrics))
+        logger.print(logger.summary(r.stage.name, self.step, path, metrics))
         return metrics
 
     def _export_lora(self, logger: MetricsLogger) -> None:
@@ -307,10 +309,3 @@ def to_device(batch: dict, device) -> dict:
         out[key] = value
     return out
 
-
-def format_metrics(stage: str, metrics: dict[str, float]) -> str:
-    lines = [f"[{stage}] held-out metrics"]
-    for name in sorted(k for k in metrics if not k.endswith("_blank")):
-        blank = metrics.get(name + "_blank")
-        lines.append(f"  {name:<28} {metrics[name]:.4f}" + (f"   (blank image: {blank:.4f})" if blank is not None else ""))
-    return "\n".join(lines)
