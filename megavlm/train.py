@@ -98,7 +98,9 @@ def run_example(script: str, stages: list[tuple[str | None, str]], replace_all: 
     (by rank 0, before the process group exists, unless --resume). Relative paths (data/, outputs/,
     recipes given in the environment) resolve against WORKDIR, else the repository, as in the bash half."""
     here = Path(script).resolve().parent
-    os.chdir(os.environ.get("WORKDIR") or here.parent)
+    workdir = Path(os.environ.get("WORKDIR") or here.parent)
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.chdir(workdir)
     if replace_all and os.environ.get(replace_all):
         recipes = os.environ[replace_all].split()
     else:

@@ -61,7 +61,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         if self.progress is not None:
-            self.progress.console.print(text, markup=False, highlight=False)
+            self.progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
         else:
             print(text, flush=True)
 
