@@ -44,14 +44,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run_stages(recipe_paths: list[str], overrides: list[str], resume: bool = False) -> int:
+def load_all(recipe_paths: list[str], overrides: list[str]):
+    """Every recipe, checked before the first stage starts; None (after printing why) if one is bad."""
     from megavlm.config.recipe import load_recipe
     from megavlm.config.schema import ConfigError
 
-    try:  # every recipe is checked before the first stage starts
-        recipes = [load_recipe(path, overrides) for path in recipe_paths]
+    try:
+        return [load_recipe(path, overrides) for path in recipe_paths]
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return None
+
+
+def run_stages(recipe_paths: list[str], overrides: list[str], resume: bool = False) -> int:
+    recipes = load_all(recipe_paths, overrides)
+    if recipes is None:
         return 2
     from megavlm.parallel import init as pinit
     from megavlm.training.trainer import Trainer
@@ -80,6 +87,8 @@ def run_stages(recipe_paths: list[str], overrides: list[str], resume: bool = Fal
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.nproc and not {"RANK", "SLURM_PROCID"} & set(os.environ):  # start the workers, each runs this command without --nproc
+        if load_all(args.recipes, args.overrides) is None:
+            return 2
         rest = [*args.args] + (["--resume"] if args.resume else [])
         os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                   f"--nproc_per_node={args.nproc}", "-m", "megavlm.train", *rest])
