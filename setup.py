@@ -46,5 +46,5 @@ setup(
         "test": ["pytest>=8", "transformers>=5,<6", "triton>=3.2", "nvidia-dali-cuda130>=2.4", "peft>=0.13",
                  "torchao>=0.10"],
     },
-    entry_points={"console_scripts": ["megavlm-train=megavlm.train:main"]},
+    entry_points={"console_scripts": ["megavlm=megavlm.cli:main", "megavlm-train=megavlm.train:main"]},
 )

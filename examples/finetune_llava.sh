@@ -1,11 +1,29 @@
 #!/usr/bin/env bash
 # LLaVA stage 3 (visual instruction tuning) from the stage-2 checkpoint named in the recipe.
 #   GPUS=8 bash examples/finetune_llava.sh [--resume] [key=value ...]
+#   torchrun --nproc_per_node 8 examples/finetune_llava.sh [--resume] [key=value ...]
+#   sbatch examples/slurm/finetune_llava.sbatch [key=value ...]
 # STAGE3 picks another recipe (default: LLaVA-1.5-7B full fine-tuning); node layout: see examples/launch.sh.
+# Relative paths in the recipes resolve against WORKDIR (default: the repository).
+#
+# Why this file is both a bash script and a Python program: torchrun runs the file it is given
+# with Python, while `bash` and Slurm run it with bash. Bash reads the block below and execs
+# examples/launch.sh, which starts torchrun on this same file; Python sees that block as a string
+# and runs the part after it in every worker: the stages in order, in-process, with the same recipes
+# and overrides (megavlm/train.py run_example). Both commands run the same code.
+''':'
 set -euo pipefail
-# Preemption (SIGUSR1 / SIGTERM): the running stage saves a checkpoint and exits 0; do not start the next.
-trap 'STOPPED=1' USR1 TERM
 HERE=$(cd "$(dirname "$0")" && pwd)
-STAGE3=${STAGE3:-$HERE/recipes/llava_1.5_7b_stage3.yaml}
-bash "$HERE/launch.sh" "$STAGE3" "$@"
-[ -z "${STOPPED:-}" ] || exit 0
+exec bash "$HERE/launch.sh" "$HERE/$(basename "$0")" "$@"
+: <<'# end of the Python part'
+'''
+import sys
+
+from megavlm.train import run_example
+
+# multiprocessing (dist-checkpoint writers) re-imports this file in its children: run only as __main__
+if __name__ == "__main__":
+    sys.exit(run_example(__file__, [
+        ('STAGE3', 'recipes/llava_1.5_7b_stage3.yaml'),
+    ]))
+# end of the Python part

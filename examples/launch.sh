@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # torchrun wrapper shared by the launch scripts: one call per node.
-#   bash examples/launch.sh RECIPE [--resume] [key=value ...]
+#   bash examples/launch.sh RECIPE [--resume] [key=value ...]       one stage (python -m megavlm.train)
+#   bash examples/launch.sh examples/X.sh [--resume] [key=value ...]  X's stages, X run by torchrun
 # Node layout from the environment, else from Slurm (one task per node under srun), else one node:
 #   GPUS         processes on this node   (default: visible GPUs, or 1 without GPUs)
 #   NNODES       nodes                    (default: SLURM_NNODES or 1)
@@ -37,7 +38,12 @@ MASTER_PORT=${MASTER_PORT:-29500}
 # torchrun sets RANK/WORLD_SIZE for its children; drop Slurm's per-task ranks so they do not compete.
 unset SLURM_PROCID SLURM_NTASKS SLURM_LOCALID
 
-echo "megavlm: node ${NODE_RANK}/${NNODES}, ${GPUS} processes, master ${MASTER_ADDR}:${MASTER_PORT}: $*"
+case "${1:-}" in
+  *.yaml|*.yml) PROGRAM=(-m megavlm.train) ;;
+  *) PROGRAM=("$1"); shift ;;   # a launcher that is also a Python program (examples/*.sh)
+esac
+
+echo "megavlm: node ${NODE_RANK}/${NNODES}, ${GPUS} processes, master ${MASTER_ADDR}:${MASTER_PORT}: ${PROGRAM[*]} $*"
 RUN=
 forward() { [ -z "$RUN" ] || pkill "-$1" -P "$RUN" 2>/dev/null || true; }  # torchrun's children: the workers
 trap 'forward USR1' USR1
@@ -45,7 +51,7 @@ trap 'forward TERM' TERM
 ( trap '' USR1 TERM
   exec "$PY" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --max-restarts "${MAX_RESTARTS:-0}" \
-    --signals-to-handle SIGINT,SIGHUP,SIGQUIT -m megavlm.train "$@" ) &
+    --signals-to-handle SIGINT,SIGHUP,SIGQUIT "${PROGRAM[@]}" "$@" ) &
 RUN=$!
 while true; do
   status=0

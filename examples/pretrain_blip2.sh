@@ -1,21 +1,36 @@
 #!/usr/bin/env bash
 # BLIP-2 pre-training: stage 1 (Q-Former: ITC + ITM + ITG) then stage 2 (generative, LM loss).
-#   bash examples/pretrain_blip2.sh [key=value ...]          overrides apply to both stages
+#   bash examples/pretrain_blip2.sh [--resume] [key=value ...]          overrides apply to both stages
+#   torchrun --nproc_per_node 2 examples/pretrain_blip2.sh [--resume] [key=value ...]
+#   sbatch examples/slurm/pretrain_blip2.sbatch [key=value ...]
 # Defaults run on the embedded dataset on CPU (2 processes, TP=2): NPROC / GPUS set the processes
 # per node; NNODES / NODE_RANK / MASTER_ADDR or Slurm variables the nodes (see examples/launch.sh).
 # STAGE1 / STAGE2 pick other recipes (e.g. examples/recipes/blip2/blip2_opt_2.7b_stage{1,2}.yaml).
+# WORKDIR (default: the repository) is where data/ and outputs/ are written.
+#
+# Why this file is both a bash script and a Python program: torchrun runs the file it is given
+# with Python, while `bash` and Slurm run it with bash. Bash reads the block below and execs
+# examples/launch.sh, which starts torchrun on this same file; Python sees that block as a string
+# and runs the part after it in every worker: the stages in order, in-process, with the same recipes
+# and overrides (megavlm/train.py run_example). Both commands run the same code.
+''':'
 set -euo pipefail
-# Preemption (SIGUSR1 / SIGTERM): the running stage saves a checkpoint and exits 0; do not start the next.
-trap 'STOPPED=1' USR1 TERM
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
-[ -x "$REPO/.venv/bin/python" ] || bash "$REPO/tools/setup_env.sh"
-STAGE1=${STAGE1:-$HERE/recipes/blip2/blip2_debug_stage1.yaml}
-STAGE2=${STAGE2:-$HERE/recipes/blip2/blip2_debug_stage2.yaml}
+[ -x "$REPO/.venv/bin/python" ] || [ -n "${PYTHON:-}" ] || bash "$REPO/tools/setup_env.sh"
 export GPUS=${GPUS:-${NPROC:-2}}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-cd "${WORKDIR:-$REPO}"
-bash "$HERE/launch.sh" "$STAGE1" "$@"
-[ -z "${STOPPED:-}" ] || exit 0
-bash "$HERE/launch.sh" "$STAGE2" "$@"
-[ -z "${STOPPED:-}" ] || exit 0
+exec bash "$HERE/launch.sh" "$HERE/$(basename "$0")" "$@"
+: <<'# end of the Python part'
+'''
+import sys
+
+from megavlm.train import run_example
+
+# multiprocessing (dist-checkpoint writers) re-imports this file in its children: run only as __main__
+if __name__ == "__main__":
+    sys.exit(run_example(__file__, [
+        ('STAGE1', 'recipes/blip2/blip2_debug_stage1.yaml'),
+        ('STAGE2', 'recipes/blip2/blip2_debug_stage2.yaml'),
+    ]))
+# end of the Python part

@@ -367,3 +367,15 @@ def test_hf_tokenizer_json_with_chatml_and_no_bos(tmp_path):
     assert ids.count(tok.image_token_id) == 3 and ids[0] == tok.token_id("<|im_start|>")
     answers = tok.decode([i for i, s in zip(ids, supervised) if s])
     assert answers == "red<|im_end|>blue<|im_end|>"
+
+
+def test_drop_images_keeps_the_text_and_supervises_the_same_caption(small_embedded, tok):
+    """data.drop_images (the quick start's text-only LLM warm-up): no image and no image token reaches
+    the model; the caption tokens and their labels are those of the with-image example."""
+    source = open_source(small_embedded / "captions_val.jsonl", "captions")
+    with_image = ExampleBuilder(encoder_for(CFG, tok, "plain"), 48).build(source[0], 0, 0)
+    text_only = ExampleBuilder(encoder_for(CFG, tok, "plain"), 48, drop_images=True).build(source[0], 0, 0)
+    assert text_only.images == [] and tok.image_token_id not in text_only.input_ids
+    assert with_image.images and with_image.input_ids.count(tok.image_token_id) == TOKENS
+    supervised = lambda ex: [t for t in ex.labels if t != IGNORE_INDEX]  # noqa: E731
+    assert supervised(text_only) == supervised(with_image) and supervised(text_only)

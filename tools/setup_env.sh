@@ -22,5 +22,6 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install --quiet "$TORCH_PIN"
 fi
 "$PY" -m pip install --quiet -e ".[test]"
-"$PY" -c "import torch, megatron.core, megavlm._C; print('megavlm env ready: torch', torch.__version__)"
+"$PY" -c "from megavlm.console import filter_known_warnings; filter_known_warnings()
+import torch, megatron.core, megavlm._C; print('megavlm env ready: torch', torch.__version__)"
 echo "$want" > "$stamp"

@@ -159,6 +159,9 @@ class DataConfig:
     # by aspect ratio, plus a thumbnail when there are several; 0: one resized image
     max_tiles: int = 0
     tile_thumbnail: bool = True
+    # text only: every sample's images and <image> tags are dropped (an LLM warm-up on the text of an
+    # image data set, e.g. the quick start's stand-in for a pretrained LLM)
+    drop_images: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     num_workers: int = 0                 # image-decoding threads (PIL) / DALI threads
     prefetch: bool = True                # prepare the next step while this one trains

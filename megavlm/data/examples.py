@@ -6,6 +6,7 @@ reading order. ``<image>`` becomes the model's number of image tokens per image.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from megavlm.data.augment import ImageAug, augment_record
@@ -29,8 +30,10 @@ class Example:
 
 class ExampleBuilder:
     def __init__(self, encoder: ConversationEncoder, seq_length: int, augment=None, seed: int = 0,
-                 end_of_chunk: str | None = None, max_images: int | None = None, tiler=None):
+                 end_of_chunk: str | None = None, max_images: int | None = None, tiler=None,
+                 drop_images: bool = False):
         self.encoder, self.seq_length = encoder, seq_length
+        self.drop_images = drop_images       # text only: images and <image> tags removed
         self.tiler = tiler                   # data/tiles.py TilePlanner: dynamic-resolution tiles
         self.max_images = max_images         # a model's limit per sample (Flamingo's max_media)
         self.augment, self.seed = augment, seed
@@ -58,6 +61,8 @@ class ExampleBuilder:
         return ids, sup
 
     def build(self, record: Record, index: int, epoch: int) -> Example:
+        if self.drop_images:
+            record = without_images(record)
         if self.max_images is not None and len(record.images) > self.max_images:
             raise BadSample("too_many_images", f"sample {record.sample_id}: {len(record.images)} images, the model "
                                                f"takes at most {self.max_images} per sample")
@@ -77,6 +82,13 @@ class ExampleBuilder:
             raise BadSample("over_length", f"sample {record.sample_id}: {len(ids)} tokens exceed seq_length {self.seq_length}")
         images = [(d, aug, ref.source) for d, ref, aug in zip(data, record.images, augs)]
         return Example(record.sample_id, ids, shifted_labels(ids, supervised), images, notes=notes)
+
+
+def without_images(record: Record) -> Record:
+    """The record's text alone: no images, no <image> tags, no image segments."""
+    turns = None if record.turns is None else [(u.replace("<image>", "").strip(), a) for u, a in record.turns]
+    segments = None if record.segments is None else [s for s in record.segments if s[0] == "text"]
+    return dataclasses.replace(record, images=[], turns=turns, segments=segments)
 
 
 class TextExampleBuilder:

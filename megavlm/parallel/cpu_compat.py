@@ -1,7 +1,7 @@
 """Lets megatron-core 0.16.1 run tensor/pipeline/data parallelism on a CPU-only torch over gloo.
 
 megatron-core hard-codes CUDA in about 320 places. Applied only when CUDA is unavailable, this
-module covers the ones a training step reaches (see ../shared/MEGATRON_CORE_ON_CPU.md):
+module covers the ones a training step reaches:
 
 * ``torch.cuda.current_device()`` returns the CPU device (memory buffers, p2p shapes, DDP buffers)
   and ``torch.cuda.synchronize()`` is a no-op (the p2p layer calls it after batched send/recv);

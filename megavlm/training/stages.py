@@ -1,4 +1,5 @@
-"""Declarative stages (Principle 3): freezing, train/eval modes and optimizer groups by component tag."""
+"""Declarative stages: freezing, train/eval modes and optimizer groups follow the component tag every
+parameter carries, so a recipe's ``stage.trainable`` list is the whole description of a stage."""
 from __future__ import annotations
 
 import torch

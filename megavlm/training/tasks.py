@@ -25,7 +25,8 @@ class LMTask:
         return ExampleBuilder(encoder_for(r.model, self.tokenizer, r.data.template, r.data.unrepresentable_text),
                               r.train.seq_length,
                               augment=r.data.augment, seed=r.train.seed, end_of_chunk=r.data.end_of_chunk,
-                              max_images=max_images, tiler=tile_planner(r.model, r.data))
+                              max_images=max_images, tiler=tile_planner(r.model, r.data),
+                              drop_images=r.data.drop_images)
 
     def loss_fn(self):
         return lm_loss_fn(self.head)

@@ -30,7 +30,7 @@ from megavlm.training.build import build_model, ddp_config, load_local_state, pa
 from megavlm.training.checkpoint import CheckpointManager, load_model
 from megavlm.training.accounting import StepCounts, count_step
 from megavlm.training.flops import peak_flops
-from megavlm.training.logging import MetricsLogger
+from megavlm.training.logging import MetricsLogger, format_metrics  # noqa: F401 (format_metrics: re-exported)
 from megavlm.training.resilience import RunStop, StopRequest, agree_on_error, flags
 from megavlm.training.stages import apply_stage, megatron_optimizer_config, optimizer_groups, set_train_mode
 from megavlm.training.step import configure_schedule, train_step
@@ -293,10 +293,11 @@ class Trainer:
             self.scheduler.step(1)
         self.step += 1
         self._count_bad_step(result, batches, logger)
-        scalars = self._step_scalars(result, time.perf_counter() - start, counts)
+        seconds = time.perf_counter() - start
+        scalars = self._step_scalars(result, seconds, counts)
         scalars.update(self._fault_scalars())
         logger.log(self.step, scalars)
-        logger.advance(self.step, f"loss {scalars['train/loss']:.4f}")
+        logger.advance(self.step, scalars, seconds)
         if self.step % r.train.log_interval == 0 or self.step == self.total_steps:
             logger.print(f"step {self.step}/{self.total_steps} loss {scalars['train/loss']:.4f} "
                          f"grad_norm {scalars['train/grad_norm']:.3f} {scalars['train/tokens_per_s']:.0f} tok/s "
@@ -308,7 +309,7 @@ class Trainer:
         self.step += 1
         self.faults["empty_steps"] += 1
         logger.log(self.step, self._fault_scalars())
-        logger.advance(self.step, "empty step")
+        logger.advance(self.step, {"train/loss": float("nan"), "train/skipped_samples": float(self.skips.skipped)}, 0.0)
         logger.print(f"step {self.step}/{self.total_steps}: no supervised token in the global batch "
                      f"({self.recipe.train.global_batch_size} samples): step skipped without an update "
                      f"({self.faults['empty_steps']} so far)")
@@ -370,6 +371,7 @@ class Trainer:
         set_train_mode(self.model)
         self.metrics = metrics
         logger.log(self.step, {f"eval/{k}" if "/" not in k else k: v for k, v in metrics.items()})
+        path = None
         if self.ckpt is not None:
             path = self.save(finished=True)
             if self.ctx.is_main:
@@ -378,7 +380,7 @@ class Trainer:
                                 "skipped": self.skips.state_dict()}, indent=2))
         if r.stage.lora is not None and (r.stage.lora.save_merged or r.stage.lora.export_peft):
             self._export_lora(logger)
-        logger.print(format_metrics(r.stage.name, metrics))
+        logger.print(logger.summary(r.stage.name, self.step, path, metrics))
         logger.print(f"[{r.stage.name}] {self.skips.summary()}; empty steps {self.faults['empty_steps']}, "
                      f"steps with a non-finite loss or gradient {self.faults['bad_steps']}")
         return metrics
@@ -434,14 +436,3 @@ def to_device(batch: dict, device) -> dict:
         out[key] = value
     return out
 
-
-def format_metrics(stage: str, metrics: dict[str, float]) -> str:
-    lines = [f"[{stage}] held-out metrics"]
-    for name in sorted(k for k in metrics if not k.endswith("_blank") and not k.startswith("bench/")):
-        blank = metrics.get(name + "_blank")
-        lines.append(f"  {name:<28} {_value(metrics[name])}" + (f"   (blank image: {_value(blank)})" if blank is not None else ""))
-    return "\n".join(lines)
-
-
-def _value(value: float) -> str:
-    return "no samples" if value != value else f"{value:.4f}"   # NaN: nothing was evaluated

@@ -1,4 +1,5 @@
-"""Placing image embeddings at ``<image>`` positions, with loud count checks (Principle 5)."""
+"""Placing image embeddings at ``<image>`` positions, with loud count checks: a mismatch between the
+number of image tokens and image features is an error naming both counts, never a silent misalignment."""
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,4 @@
-"""The one place that chooses layer implementations: model code receives specs and never
-branches on the implementation.
+"""The one place that chooses layer implementations, so that a model file never branches on them.
 
 ``local``: megatron-core's tensor-parallel linears (with a one-GEMM frozen-weight backward), the
 project's norms (sequence-parallel capable) and SDPA / varlen core attention; runs on CPU and

@@ -1,4 +1,4 @@
-"""Component tags: every parameter says which part of the model it belongs to (Principle 3).
+"""Component tags: every parameter says which part of the model it belongs to.
 
 Stages name components (``vision``, ``connector``, ``fusion``, ``llm``, ``lora``) to freeze,
 train and give learning rates; nothing else in the code looks at module names for that.

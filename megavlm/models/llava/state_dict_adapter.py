@@ -1,6 +1,7 @@
 """HF ``LlavaForConditionalGeneration`` (CLIP vision tower + Llama) <-> megavlm LLaVA, any TP/PP.
 
-Used by ``tools/convert_checkpoint.py`` and by the HF parity tests (Principle 6).
+Used by ``tools/convert_checkpoint.py`` and by the HF parity tests, which check that both directions
+reproduce HF's logits (tests/test_hf_parity_llava.py).
 """
 from __future__ import annotations
 
