@@ -196,9 +196,9 @@ class TrainConfig:
     log_interval: int = 10
     eval_interval: Optional[int] = None  # steps between validation passes; None: only at the end
     eval_samples: int = 200              # validation samples per pass
-    # megatron-core DDP: overlap the gradient reduce with the backward, and (distributed
-    # optimizer only) the updated-parameter all-gather with the next forward; None: on for GPUs.
+    # megatron-core DDP: overlap the gradient reduce with the backward (None: on for GPUs)
     overlap_grad_reduce: Optional[bool] = None
+    # distributed optimizer only: overlap the updated-parameter all-gather with the next forward (None: on for GPUs)
     overlap_param_gather: Optional[bool] = None
 
     def __post_init__(self):
