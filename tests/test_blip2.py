@@ -142,7 +142,7 @@ def test_short_stage1_learns_retrieval_and_stage2_starts_from_it(single_process,
     common = data_overrides(small_embedded) + ["parallel.tensor_parallel=1", "train.eval_samples=32",
                                                "train.log_interval=1000"]
     stage1 = load_recipe(recipes / "blip2_debug_stage1.yaml", common + [
-        f"checkpoint.dir={tmp_path}/stage1", "train.max_steps=150", "eval.max_samples=48"])
+        f"checkpoint.dir={tmp_path}/stage1", "train.max_steps=200", "eval.max_samples=48"])
     metrics = Trainer(stage1).run()
     print(metrics)
     chance = metrics["retrieval_chance_r1"]

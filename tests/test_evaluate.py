@@ -37,7 +37,8 @@ def stage3_checkpoint(single_process, small_embedded, tmp_path_factory):
                f"{{path: {out}/instruct_short.json, format: conversations, root: {d}}}]")
     Trainer(load_recipe(QUICKSTART / "llava_debug_stage3.yaml", common + [
         "data.train=", sources, "data.samples_per_epoch=null", f"data.validation={d}/conversations_val.json",
-        f"stage.init_from={out}/stage2", f"checkpoint.dir={out}/stage3", f"train.max_steps={STAGE3_STEPS}"])).run()
+        f"stage.init_from={out}/stage2", f"checkpoint.dir={out}/stage3", f"train.max_steps={STAGE3_STEPS}",
+        "train.seq_length=128"])).run()  # the benchmark-style instructions run longer than the conversations
     return out / "stage3"
 
 

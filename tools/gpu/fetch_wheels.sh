@@ -34,7 +34,8 @@ DALI=(nvidia-dali-cuda130==2.4.0 nvidia-nvimgcodec-cu13==0.9.0.20 nvidia-libnvco
 TE_TORCH_NAME=transformer_engine_torch-2.20.2-cp312-cp312-linux_x86_64.whl
 TE_TORCH=${TE_TORCH_WHEEL:-}
 if [ -z "$TE_TORCH" ]; then
-  for dir in shared/gpu-wheels ../shared/gpu-wheels; do
+  # the workspace keeps it in a gpu-wheels folder of its shared/ area, in or beside the checkout
+  for dir in shared/gpu-wheels "$(dirname "$PWD")/shared/gpu-wheels"; do
     [ -f "$dir/$TE_TORCH_NAME" ] && TE_TORCH=$dir/$TE_TORCH_NAME && break
   done
 fi
