@@ -138,4 +138,4 @@ def data_overrides(data_dir: Path, captions: bool = True) -> list[str]:
     return [f"data.embedded=null", f"data.train={data_dir}/{kind}_train.{ext}",
             f"data.validation={data_dir}/{kind}_val.{ext}", f"data.tokenizer={data_dir}/tokenizer.model",
             f"eval.captions={data_dir}/captions_test.jsonl", "logging.progress=false", "data.sources=[]",
-            "eval.benchmarks=[]"]
+            "eval.benchmarks=[]", "stage.init_from=null"]

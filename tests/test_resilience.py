@@ -280,7 +280,7 @@ def test_under_torchrun_skip_budget_stops_cleanly_and_a_killed_worker_resumes(sm
               "train.log_interval=1000", "train.max_steps=5", "stage.trainable=[connector]", "optimizer.warmup_steps=1",
               "checkpoint.save_interval=2", "eval.captions=null", "data.validation=null", "data.shuffle=false",
               "data.embedded=null", f"data.train={small_embedded}/captions_train.jsonl",
-              f"data.tokenizer={small_embedded}/tokenizer.model", "logging.progress=false"]
+              f"data.tokenizer={small_embedded}/tokenizer.model", "logging.progress=false", "stage.init_from=null"]
     bad = _captions(tmp_path, image, ["red"] * 40, missing=8)
     started = time.monotonic()
     stop = _torchrun([*common, f"data.train={bad}", "data.min_skip_budget=2", f"checkpoint.dir={tmp_path / 'c'}"])
