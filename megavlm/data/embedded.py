@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 
 from megavlm.data.tokenizer import END_OF_CHUNK
 
-VERSION = 6
+VERSION = 7
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
 SHAPES = ("circle", "square", "triangle")
@@ -180,7 +180,7 @@ def _train_tokenizer(out: Path, texts: list[str], vocab_size: int) -> None:
     corpus.unlink()
 
 
-def generate(out: str | Path, seed: int = 0, splits: dict[str, int] | None = None, vocab_size: int = 512,
+def generate(out: str | Path, seed: int = 0, splits: dict[str, int] | None = None, vocab_size: int = 768,
              benchmark_images: int = 64) -> dict:
     """Write the dataset (deterministic for a seed); returns the manifest."""
     from megavlm.data.embedded_benchmarks import generate_benchmarks
@@ -195,7 +195,7 @@ def generate(out: str | Path, seed: int = 0, splits: dict[str, int] | None = Non
         counts[split] = count
         texts += [c["caption"] for c in captions]
         texts += [turn["value"].replace("<image>\n", "") for conv in convs for turn in conv["conversations"]]
-    texts += [t.system + " " + t.user + " " + t.assistant for t in TEMPLATES.values()] * 200  # as frequent as a reply
+    texts += [t.system + " " + t.user + " " + t.assistant for t in TEMPLATES.values()]
     # The benchmarks' text is left out of the tokenizer's corpus: its many question forms would take
     # the merges that keep the conversations short (byte fallback spells whatever is missing).
     generate_benchmarks(out, seed, benchmark_images, train_images=max(benchmark_images, counts.get("train", 0) // 4))

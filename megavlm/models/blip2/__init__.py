@@ -22,7 +22,7 @@ def _debug(language: LanguageConfig, flavor: str) -> ModelConfig:
         vision=VisionConfig(image_size=56, patch_size=14, hidden_size=64, num_layers=2, num_heads=4,
                             ffn_hidden_size=128, **_BLIP_VIT),
         qformer=QFormerConfig(hidden_size=64, num_layers=2, num_heads=4, ffn_hidden_size=128, num_query_tokens=8,
-                              cross_attention_freq=2, vocab_size=512, max_position_embeddings=64, embed_dim=32,
+                              cross_attention_freq=2, vocab_size=771, max_position_embeddings=64, embed_dim=32,
                               dec_token_id=7),
         language=language, image_token_id=3,
         # hidden 64: BERT's 0.02 at hidden 768 is ~0.07 here (the same relative scale); 0.02 leaves
@@ -32,12 +32,12 @@ def _debug(language: LanguageConfig, flavor: str) -> ModelConfig:
 
 
 def _debug_opt() -> ModelConfig:
-    return _debug(_opt(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, ffn_hidden_size=256,
+    return _debug(_opt(vocab_size=771, hidden_size=64, num_layers=2, num_heads=4, ffn_hidden_size=256,
                        max_seq_len=256), "debug")
 
 
 def _debug_llama() -> ModelConfig:
-    return _debug(LanguageConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+    return _debug(LanguageConfig(vocab_size=771, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                                  ffn_hidden_size=176, max_seq_len=256), "debug-llama")
 
 

@@ -14,7 +14,7 @@ def _debug() -> ModelConfig:
         family="flamingo", flavor="debug", connector=ConnectorConfig(type="perceiver"),
         vision=VisionConfig(image_size=56, patch_size=14, hidden_size=64, num_layers=2, num_heads=4,
                             ffn_hidden_size=128, **_FEATURES),
-        language=LanguageConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, ffn_hidden_size=176,
+        language=LanguageConfig(vocab_size=771, hidden_size=64, num_layers=2, num_heads=4, ffn_hidden_size=176,
                                 max_seq_len=512, norm_eps=1e-6),
         flamingo=FlamingoConfig(num_latents=8, resampler_depth=2, resampler_heads=4, resampler_head_dim=16,
                                 cross_attention_interval=1, max_media=6),

@@ -17,7 +17,7 @@ def _debug() -> ModelConfig:
         vision=VisionConfig(image_size=56, patch_size=7, hidden_size=64, num_layers=2, num_heads=4, ffn_hidden_size=128,
                             activation="gelu", norm_eps=1e-6, pre_norm=False, patch_bias=True, feature_layer=-1,
                             layer_scale=0.1, qk_norm=True),
-        language=LanguageConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+        language=LanguageConfig(vocab_size=771, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                                 ffn_hidden_size=176, max_seq_len=1024, rope_theta=1e6, norm_eps=1e-6, qkv_bias=True,
                                 tie_embeddings=True),
         connector=ConnectorConfig(type="pixel_shuffle_mlp"),

@@ -13,7 +13,7 @@ def _debug() -> ModelConfig:
         family="llava", flavor="debug",
         vision=VisionConfig(image_size=56, patch_size=14, hidden_size=64, num_layers=3, num_heads=4,
                             ffn_hidden_size=128, feature_layer=-2),
-        language=LanguageConfig(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+        language=LanguageConfig(vocab_size=771, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                                 ffn_hidden_size=176, max_seq_len=512),
         connector=ConnectorConfig(type="mlp2x_gelu"),
         image_token_id=3,
