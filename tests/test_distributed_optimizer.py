@@ -35,7 +35,7 @@ def test_distributed_optimizer_matches_plain(runs, layout):
     init = get_family("llava").adapter_cls(distopt_step.CFG).hf_to_megavlm(hf)
     assert set(dist["params"]) == set(plain["params"])
     for name, param in plain["params"].items():
-        torch.testing.assert_close(dist["params"][name], param, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(dist["params"][name], param, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
     moved = max((plain["params"][k] - init[k]).abs().max().item() for k in plain["params"] if k in init)
     assert moved > 0.5 * distopt_step.LR  # the steps really changed the weights
 
@@ -58,4 +58,4 @@ def test_dp2_distributed_checkpoint_resumes_at_dp1(runs):
     assert result.losses["lm_loss"] == pytest.approx(dp2["losses"][2], rel=1e-6)
     final = distopt_step.full_params(ctx, adapter, model, ddp)
     for name, param in dp2["params"].items():
-        torch.testing.assert_close(final[name], param, rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(final[name], param, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -59,7 +59,7 @@ def test_quickstart_learns_to_use_the_image(single_process, wide_test_split, tmp
         metrics[stage] = Trainer(recipe).run()
     # stage 3 again from the same stage-2 checkpoint, with LoRA (frozen LLM, adapters + connector)
     lora = load_recipe(QUICKSTART / "llava_debug_stage3_lora.yaml", data_overrides(small_embedded, captions=False) + [
-        f"checkpoint.dir={tmp_path}/stage3-lora", "train.max_steps=200", f"stage.init_from={tmp_path}/stage2",
+        f"checkpoint.dir={tmp_path}/stage3-lora", "train.max_steps=300", f"stage.init_from={tmp_path}/stage2",
         f"eval.vqa={small_embedded}/conversations_test.json", *short])
     metrics["lora"] = Trainer(lora).run()
     print("stage 1:", metrics[1], "\nstage 2:", metrics[2], "\nstage 3:", metrics[3], "\nstage 3 LoRA:", metrics["lora"])
