@@ -47,3 +47,20 @@ def test_shift_labels():
     ids = torch.tensor([[5, 6, 7, 8]])
     mask = torch.tensor([[0, 0, 1, 1]])
     assert shift_labels(ids, mask).tolist() == [[IGNORE_INDEX, 7, 8, IGNORE_INDEX]]
+
+
+@pytest.mark.parametrize("supervised", [0.1, 0.9], ids=["few-rows-gathered", "most-rows-masked"])
+def test_logits_head_loss_and_gradient_equal_the_plain_masked_loss(supervised):
+    from megavlm.losses.lm_loss import LogitsHead
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 40, 77, generator=g, requires_grad=True)
+    labels = torch.randint(0, 77, (3, 40), generator=g)
+    labels[torch.rand(3, 40, generator=g) > supervised] = IGNORE_INDEX
+    total, count = LogitsHead(77, None).loss(logits, labels)
+    (grad,) = torch.autograd.grad(total, logits)
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 77), labels.reshape(-1), reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    assert int(count) == int((labels != IGNORE_INDEX).sum())
+    torch.testing.assert_close(total, ref)
+    torch.testing.assert_close(grad, ref_grad)

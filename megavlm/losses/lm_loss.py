@@ -102,12 +102,16 @@ class LogitsHead:
         return output
 
     def loss(self, output: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy of the supervised rows only (image tokens and prompts carry no label:
-        most of a stage-1 sequence), gathered first so the softmax never runs on the rest."""
+        """Masked cross-entropy. When at most a quarter of the rows carry a label (a stage-1
+        sequence is mostly image tokens) those rows are gathered first, so the softmax never runs
+        on the rest; above that, gathering and scattering back cost more than they save."""
         mask = labels != IGNORE_INDEX
         count = mask.sum()
         if not bool(count):  # keeps the graph (and the pipeline's backward) intact
             return output.sum() * 0.0, count
+        if 4 * int(count) > mask.numel():
+            losses = self.cross_entropy(output, labels, self.vocab_size, self.tp_group)
+            return (losses * mask).sum(), count
         flat = mask.reshape(-1)
         picked = output.reshape(-1, output.shape[-1])[flat]
         losses = self.cross_entropy(picked, labels.reshape(-1)[flat], self.vocab_size, self.tp_group)
