@@ -39,6 +39,15 @@ VARIANTS = {
     # InternViT's 5 heads padded to 6 with a zero dummy head (QK-norm over the real heads only)
     "internvl-5-heads-padded": ("internvl", "debug", ["vision.hidden_size=60", "vision.num_heads=5",
                                                       "vision.padded_heads=6"]),
+    # a CLIP ViT, BLIP-2's ViT and Q-Former and a Perceiver resampler whose heads TP=2 does not
+    # divide, padded with zero dummy heads (stripped again on export)
+    "llava-5-heads-padded-vit": ("llava", "debug", ["vision.hidden_size=80", "vision.num_heads=5",
+                                                    "vision.padded_heads=6"]),
+    "blip2-5-heads-padded": ("blip2", "debug", ["vision.hidden_size=80", "vision.num_heads=5", "vision.padded_heads=6",
+                                                "qformer.hidden_size=80", "qformer.num_heads=5",
+                                                "qformer.padded_heads=6"]),
+    "flamingo-3-heads-padded-resampler": ("flamingo", "debug", ["flamingo.resampler_heads=3",
+                                                                "flamingo.resampler_padded_heads=4"]),
     # a Q-Former and a Perceiver resampler whose heads TP=2 does not divide, kept whole
     "blip2-5-heads-whole-qformer": ("blip2", "debug", ["qformer.hidden_size=80", "qformer.num_heads=5",
                                                        "connector.tensor_parallel=1"]),

@@ -82,3 +82,31 @@ def test_lazy_reading_casts_each_tensor_and_checks_the_index(tmp_path):
     index.write_text(json.dumps(weight_map))
     with pytest.raises(FileNotFoundError, match="model-00009-of-00009.safetensors"):
         read_hf_dir(tmp_path)
+
+
+def test_pad_heads_for_tp_pads_every_vision_side_attention_and_strips_on_export(tmp_path):
+    """A BLIP-2 whose ViT and Q-Former have 5 heads: --pad-heads-for-tp 2 pads both to 6 (the
+    checkpoint's config says so, so it trains at TP=2), logits unchanged (--verify both ways), and
+    the export is the input checkpoint exactly."""
+    from megavlm.config.schema import with_overrides
+    from megavlm.models.common.hf_io import write_hf_dir
+    from megavlm.models.registry import get_family
+    from tests import hf_variants
+
+    cfg = with_overrides(flavor_config("blip2", "debug"), ["vision.hidden_size=80", "vision.num_heads=5",
+                                                            "qformer.hidden_size=80", "qformer.num_heads=5"])
+    hf = hf_variants.hf_reference(cfg, seed=4)
+    state = dict(hf.state_dict())
+    write_hf_dir(tmp_path / "hf", get_family("blip2").config_to_hf(cfg), state)
+    out = _run("hf-to-megavlm", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt"),
+               "--pad-heads-for-tp", "2", "--verify")
+    assert "vision.padded_heads=6, qformer.padded_heads=6" in out and "OK" in out
+    from megavlm.training.checkpoint import read_model_config
+
+    saved = read_model_config(tmp_path / "ckpt")
+    assert saved.vision.built_heads == 6 and saved.qformer.built_heads == 6
+    out = _run("megavlm-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "back"), "--verify")
+    assert "OK" in out
+    back = load_file(tmp_path / "back" / "model.safetensors")
+    assert set(state) - set(back) <= {"language_model.lm_head.weight"}  # tied to the embedding: not saved
+    assert not hf_variants.export_mismatches(back, state)

@@ -32,6 +32,8 @@ def test_variant_both_ways(single_process, name):
     back = family.config_from_hf(hf.config.to_dict(), cfg.flavor)
     # megavlm layout choices, not in HF's config
     back.vision.tensor_parallel, back.vision.padded_heads = cfg.vision.tensor_parallel, cfg.vision.padded_heads
+    if cfg.flamingo is not None:
+        back.flamingo.resampler_padded_heads = cfg.flamingo.resampler_padded_heads
     assert (back.vision, back.language, back.flamingo) == (cfg.vision, cfg.language, cfg.flamingo)
 
     reference = dict(hf.state_dict())
@@ -163,25 +165,61 @@ def test_heads_tp_does_not_divide_fail_at_recipe_load():
         load_recipe(recipe, ["model.language.num_kv_heads=1"])
     assert load_recipe(recipe, ["parallel.tensor_parallel=1", "model.vision.hidden_size=60",
                                 "model.vision.num_heads=5"]).model.vision.num_heads == 5
+    # BLIP-2 stage 1 (head: qformer) splits its Q-Former with the model: dummy heads are the way
+    blip2 = ROOT / "examples" / "recipes" / "blip2" / "blip2_debug_stage1.yaml"  # tensor_parallel: 2
+    odd = ["model.qformer.hidden_size=80", "model.qformer.num_heads=5"]
+    with pytest.raises(ConfigError, match=r"model\.qformer\.num_heads.*Q-Former's self- and cross-attention has 5"):
+        load_recipe(blip2, odd)
+    assert load_recipe(blip2, odd + ["model.qformer.padded_heads=6"]).model.qformer.built_heads == 6
+    flamingo = ROOT / "examples" / "recipes" / "flamingo" / "flamingo_debug_pretrain.yaml"
+    with pytest.raises(ConfigError, match=r"model\.flamingo\.resampler_heads.*resampler's attention has 3"):
+        load_recipe(flamingo, ["parallel.tensor_parallel=2", "model.flamingo.resampler_heads=3"])
+    assert load_recipe(flamingo, ["parallel.tensor_parallel=2", "model.flamingo.resampler_heads=3",
+                                  "model.flamingo.resampler_padded_heads=4"]).model.flamingo.resampler_built_heads == 4
 
 
-def test_dummy_heads_get_no_gradient(single_process):
+def _dummy_rows(grad: torch.Tensor, heads: int, real: int, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real heads' and the dummy heads' part of a head-major gradient along ``dim``."""
+    per_head = grad.shape[dim] // heads
+    return grad.narrow(dim, 0, real * per_head), grad.narrow(dim, real * per_head, (heads - real) * per_head)
+
+
+def _padded_attentions(model, cfg) -> list[tuple[torch.nn.Module, int, int]]:
+    """(attention module, built heads, real heads) of every padded attention in the model."""
+    if cfg.family == "flamingo":
+        f = cfg.flamingo
+        return [(layer.attention, f.resampler_built_heads, f.resampler_heads) for layer in model.resampler.layers]
+    found = [(layer.self_attention, cfg.vision.built_heads, cfg.vision.num_heads)
+             for layer in model.vision.encoder.layers]
+    if cfg.qformer is not None:
+        q = cfg.qformer
+        found += [(a, q.built_heads, q.num_heads) for layer in model.qformer.layers
+                  for a in (layer.attention, layer.cross_attention) if a is not None]
+    return found
+
+
+@pytest.mark.parametrize("name", ["internvl-5-heads-padded", "blip2-5-heads-padded", "flamingo-3-heads-padded-resampler"])
+def test_dummy_heads_get_no_gradient(single_process, name):
     """Zero dummy heads stay zero under training: every gradient that reaches them is exactly 0
-    (zero q/k/v give a zero head output, whose output-projection columns are zero too)."""
+    (zero q/k/v give a zero head output, whose output-projection columns are zero too), in the
+    ViT (with InternViT's QK-norm), the Q-Former's self- and cross-attention and the resampler."""
     from megavlm.config.recipe import StageConfig
     from megavlm.training.stages import apply_stage
 
-    cfg = hf_variants.variant_config("internvl-5-heads-padded")
+    cfg = hf_variants.variant_config(name)
     adapter = get_family(cfg.family).adapter_cls(cfg)
     model = build_model(cfg, ParallelConfig(), single_process, process_groups())
     load_local_state(model, adapter.hf_to_megavlm(dict(hf_variants.hf_reference(cfg, seed=1).state_dict())))
     apply_stage(model, StageConfig(trainable=["vision", "connector", "llm"]))
     b = hf_variants.batch(cfg)
     model(b["input_ids"], images=b["images"], images_per_sample=b["images_per_sample"]).pow(2).mean().backward()
-    head_dim, real = cfg.vision.hidden_size // cfg.vision.num_heads, cfg.vision.num_heads
-    attention = model.vision.encoder.layers[0].self_attention
-    qkv = attention.linear_qkv.weight.grad.view(cfg.vision.built_heads, 3, head_dim, -1)
-    assert qkv[:real].abs().sum() > 0 and torch.all(qkv[real:] == 0)
-    proj = attention.linear_proj.weight.grad.view(cfg.vision.hidden_size, cfg.vision.built_heads, head_dim)
-    assert proj[:, :real].abs().sum() > 0 and torch.all(proj[:, real:] == 0)
-    assert torch.all(attention.q_layernorm.weight.grad.view(-1, head_dim)[real:] == 0)
+    attentions = _padded_attentions(model, cfg)
+    assert attentions and all(built > real for _, built, real in attentions)
+    for attention, built, real in attentions:
+        inputs = [m for m in ("linear_qkv", "linear_q", "linear_kv") if hasattr(attention, m)]
+        grads = [(getattr(attention, m).weight.grad, 0) for m in inputs] + [(attention.linear_proj.weight.grad, 1)]
+        if hasattr(getattr(attention, "q_layernorm", None), "weight"):  # InternViT's QK-norm
+            grads.append((attention.q_layernorm.weight.grad, 0))
+        for grad, dim in grads:
+            kept, dummy = _dummy_rows(grad, built, real, dim)
+            assert kept.abs().sum() > 0 and torch.all(dummy == 0), (name, attention)

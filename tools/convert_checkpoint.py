@@ -50,8 +50,12 @@ def hf_to_megavlm(args) -> Path:
     hf_config, hf_state = read_hf_dir(args.hf, dtype)
     family = family_for_hf(hf_config)
     model_cfg = family.config_from_hf(hf_config, flavor=args.flavor or Path(args.hf).name)
+    padding = model_cfg.head_padding_for(args.pad_heads_for_tp) if args.pad_heads_for_tp else []
     if args.vision_padded_heads:
-        model_cfg = with_overrides(model_cfg, [f"vision.padded_heads={args.vision_padded_heads}"])
+        padding.append(f"vision.padded_heads={args.vision_padded_heads}")
+    if padding:
+        model_cfg = with_overrides(model_cfg, padding)
+        print("zero dummy heads (stripped again by megavlm-to-hf): " + ", ".join(padding))
     model = _build(model_cfg, dtype)
     adapter = family.adapter_cls(model_cfg)
     missing, unexpected = model.load_state_dict(adapter.hf_to_megavlm(hf_state), strict=False)
@@ -145,6 +149,9 @@ def main(argv=None) -> int:
     to_m.add_argument("--vision-padded-heads", type=int, default=None,
                       help="add zero dummy ViT heads up to this count, so that the TP size divides them "
                            "(InternViT-6B: 25 -> 32); megavlm-to-hf strips them")
+    to_m.add_argument("--pad-heads-for-tp", type=int, default=None, metavar="TP",
+                      help="pad every ViT / Q-Former / Perceiver-resampler attention whose heads TP does not "
+                           "divide with zero dummy heads to the next multiple of TP")
     to_h = sub.add_parser("megavlm-to-hf", help="megavlm checkpoint -> HF directory")
     to_h.add_argument("--ckpt", required=True, help="megavlm checkpoint directory")
     to_h.add_argument("--out", required=True, help="HF directory to write")

@@ -138,6 +138,8 @@ class QFormerConfig:
     num_heads: int = 12
     ffn_hidden_size: int = 3072
     num_query_tokens: int = 32
+    # Zero dummy heads up to this count (as vision.padded_heads) in the self- and cross-attention
+    padded_heads: Optional[int] = None
     cross_attention_freq: int = 2
     vocab_size: int = 30523
     max_position_embeddings: int = 512
@@ -150,6 +152,16 @@ class QFormerConfig:
         check(self.hidden_size % self.num_heads == 0, "qformer.num_heads",
               f"hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads")
         check(self.cross_attention_freq >= 1, "qformer.cross_attention_freq", "must be >= 1")
+        check(self.padded_heads is None or self.padded_heads >= self.num_heads, "qformer.padded_heads",
+              f"{self.padded_heads} is fewer than num_heads {self.num_heads}")
+
+    @property
+    def built_heads(self) -> int:
+        return self.padded_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
 
 
 @dataclass
@@ -163,6 +175,7 @@ class FlamingoConfig:
     resampler_heads: int = 16
     resampler_head_dim: int = 96
     resampler_ffn_mult: int = 4        # resampler FFN width = mult x vision hidden size
+    resampler_padded_heads: Optional[int] = None  # zero dummy heads up to this count (as vision.padded_heads)
     max_frames: int = 1                # > 1: learned frame embeddings; a media item is [frames, 3, H, W]
     cross_attention_interval: int = 4  # a gated block before LLM layer i when i % interval == 0 (IDEFICS)
     # Which images a text token sees: the most recent preceding one (Flamingo), or all preceding.
@@ -181,6 +194,13 @@ class FlamingoConfig:
         check(self.hf_additional_vocab >= 0, "flamingo.hf_additional_vocab", "must be >= 0")
         check(self.use_resampler or self.max_frames == 1, "flamingo.max_frames",
               "multi-frame media are pooled by the resampler: set use_resampler: true")
+        check(self.resampler_padded_heads is None or self.resampler_padded_heads >= self.resampler_heads,
+              "flamingo.resampler_padded_heads", f"{self.resampler_padded_heads} is fewer than resampler_heads "
+              f"{self.resampler_heads}")
+
+    @property
+    def resampler_built_heads(self) -> int:
+        return self.resampler_padded_heads or self.resampler_heads
 
 
 @dataclass
@@ -226,9 +246,6 @@ class ModelConfig:
         check((self.connector.type == "qformer") == (self.qformer is not None), "qformer",
               "a qformer section goes with connector.type: qformer")
         check(self.head == "lm" or self.qformer is not None, "head", "head: qformer needs a qformer section")
-        check(self.vision.padded_heads is None or self.family == "internvl", "vision.padded_heads",
-              "dummy heads are converted for InternViT (family internvl) only; vision.tensor_parallel: 1 "
-              "runs any head count in every family")
         check(self.head == "lm" or self.connector.tensor_parallel is None, "connector.tensor_parallel",
               "BLIP-2 stage 1 (head: qformer) splits the Q-Former with the model: leave it null")
         check((self.connector.type == "perceiver") == (self.flamingo is not None), "flamingo",
@@ -251,14 +268,32 @@ class ModelConfig:
              "the ViT's self-attention", self.vision.built_heads)]
         whole_connector = self.connector.tensor_parallel == 1
         if self.qformer is not None and not (whole_connector and self.head == "lm"):
-            heads.append(("model.qformer.num_heads", "the Q-Former's self- and cross-attention", self.qformer.num_heads))
+            heads.append(("model.qformer.padded_heads" if self.qformer.padded_heads else "model.qformer.num_heads",
+                          "the Q-Former's self- and cross-attention", self.qformer.built_heads))
         if self.flamingo is not None and self.flamingo.use_resampler and not whole_connector:
-            heads.append(("model.flamingo.resampler_heads", "the Perceiver resampler's attention",
-                          self.flamingo.resampler_heads))
+            f = self.flamingo
+            heads.append(("model.flamingo.resampler_padded_heads" if f.resampler_padded_heads
+                          else "model.flamingo.resampler_heads", "the Perceiver resampler's attention",
+                          f.resampler_built_heads))
         if self.head == "lm":
             heads += [("model.language.num_heads", "the language model's attention", self.language.num_heads),
                       ("model.language.num_kv_heads", "the language model's key/value heads", self.language.num_kv_heads)]
         return heads
+
+    def head_padding_for(self, tp: int) -> list[str]:
+        """Overrides that pad every vision-side attention whose heads ``tp`` does not divide (the
+        ViT, the Q-Former, the Perceiver resampler) with zero dummy heads to the next multiple."""
+        def up(heads: int) -> int:
+            return -(-heads // tp) * tp
+
+        overrides = []
+        if self.vision.num_heads % tp:
+            overrides.append(f"vision.padded_heads={up(self.vision.num_heads)}")
+        if self.qformer is not None and self.qformer.num_heads % tp:
+            overrides.append(f"qformer.padded_heads={up(self.qformer.num_heads)}")
+        if self.flamingo is not None and self.flamingo.use_resampler and self.flamingo.resampler_heads % tp:
+            overrides.append(f"flamingo.resampler_padded_heads={up(self.flamingo.resampler_heads)}")
+        return overrides
 
     @property
     def media_tokens(self) -> int:

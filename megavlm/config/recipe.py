@@ -294,7 +294,9 @@ class Recipe:
                                         "divide (tensor parallelism gives every rank the same number of heads; "
                                         "model.vision.tensor_parallel / model.connector.tensor_parallel: 1 keep "
                                         "the ViT / the Q-Former or resampler whole on every rank; "
-                                        "model.vision.padded_heads adds dummy ViT heads)")
+                                        "model.vision.padded_heads / model.qformer.padded_heads / "
+                                        "model.flamingo.resampler_padded_heads add zero dummy heads, e.g. "
+                                        "tools/convert_checkpoint.py hf-to-megavlm --pad-heads-for-tp)")
         lora = self.stage.lora
         if lora is not None:
             check(self.model.transformer_impl == "local", "model.transformer_impl",

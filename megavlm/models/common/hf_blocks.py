@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from megavlm.config.model import LanguageConfig, VisionConfig
-from megavlm.models.common.sharding import fuse_kv, fuse_qkv, split_kv, split_qkv
+from megavlm.models.common.sharding import (fuse_padded_kv, fuse_padded_qkv, fuse_qkv, pad_heads, split_padded_kv,
+                                            split_padded_qkv, split_qkv, strip_heads)
 
 
 def _take(hf: dict, key: str) -> torch.Tensor:
@@ -30,17 +31,28 @@ def clip_vision_to_megavlm(hf: dict, src: str, out: dict, dst: str, vision: Visi
     if vision.pre_norm:
         for p in ("weight", "bias"):
             out[dst + f"ln_pre.{p}"] = _take(hf, src + f"pre_layrnorm.{p}")
-    heads = vision.num_heads
+    heads, padded = vision.num_heads, vision.built_heads
     for i in range(vision.layers_to_build):
         h, m = f"{src}encoder.layers.{i}.", f"{dst}encoder.layers.{i}."
         for p in ("weight", "bias"):
             out[m + f"input_layernorm.{p}"] = _take(hf, h + f"layer_norm1.{p}")
-            out[m + f"self_attention.linear_qkv.{p}"] = fuse_qkv(
-                *(_take(hf, h + f"self_attn.{x}_proj.{p}") for x in "qkv"), heads, heads)
+            out[m + f"self_attention.linear_qkv.{p}"] = fuse_padded_qkv(
+                *(_take(hf, h + f"self_attn.{x}_proj.{p}") for x in "qkv"), heads, padded)
             out[m + f"self_attention.linear_proj.{p}"] = _take(hf, h + f"self_attn.out_proj.{p}")
             out[m + f"pre_mlp_layernorm.{p}"] = _take(hf, h + f"layer_norm2.{p}")
             out[m + f"mlp.linear_fc1.{p}"] = _take(hf, h + f"mlp.fc1.{p}")
             out[m + f"mlp.linear_fc2.{p}"] = _take(hf, h + f"mlp.fc2.{p}")
+        pad_projection(out, m + "self_attention.linear_proj.weight", heads, padded)
+
+
+def pad_projection(state: dict, key: str, heads: int, padded: int) -> None:
+    """Zero input columns of an attention's output projection for the dummy heads: whatever a
+    dummy head computes, it adds nothing (and its weights get zero gradients)."""
+    state[key] = pad_heads(state[key], heads, padded, dim=1)
+
+
+def strip_projection(state: dict, key: str, heads: int, padded: int) -> None:
+    state[key] = strip_heads(state[key], heads, padded, dim=1)
 
 
 def clip_vision_to_hf(full: dict, src: str, hf: dict, dst: str, vision: VisionConfig) -> None:
@@ -53,17 +65,18 @@ def clip_vision_to_hf(full: dict, src: str, hf: dict, dst: str, vision: VisionCo
     if vision.pre_norm:
         for p in ("weight", "bias"):
             hf[dst + f"pre_layrnorm.{p}"] = full[src + f"ln_pre.{p}"]
-    heads = vision.num_heads
+    heads, padded = vision.num_heads, vision.built_heads
     for i in range(vision.layers_to_build):
         m, h = f"{src}encoder.layers.{i}.", f"{dst}encoder.layers.{i}."
         for p in ("weight", "bias"):
             hf[h + f"layer_norm1.{p}"] = full[m + f"input_layernorm.{p}"]
-            q, k, v = split_qkv(full[m + f"self_attention.linear_qkv.{p}"], heads, heads)
+            q, k, v = split_padded_qkv(full[m + f"self_attention.linear_qkv.{p}"], heads, padded)
             hf[h + f"self_attn.q_proj.{p}"], hf[h + f"self_attn.k_proj.{p}"], hf[h + f"self_attn.v_proj.{p}"] = q, k, v
             hf[h + f"self_attn.out_proj.{p}"] = full[m + f"self_attention.linear_proj.{p}"]
             hf[h + f"layer_norm2.{p}"] = full[m + f"pre_mlp_layernorm.{p}"]
             hf[h + f"mlp.fc1.{p}"] = full[m + f"mlp.linear_fc1.{p}"]
             hf[h + f"mlp.fc2.{p}"] = full[m + f"mlp.linear_fc2.{p}"]
+        strip_projection(hf, h + "self_attn.out_proj.weight", heads, padded)
 
 
 # ---- Llama-style decoder -----------------------------------------------------------------------
@@ -190,18 +203,19 @@ def blip_vision_to_megavlm(hf: dict, src: str, out: dict, dst: str, vision: Visi
     out[dst + "position_embeddings"] = _take(hf, src + "embeddings.position_embedding").reshape(-1, vision.hidden_size)
     for p in ("weight", "bias"):
         out[dst + f"patch_embed.{p}"] = _take(hf, src + f"embeddings.patch_embedding.{p}")
-    heads = vision.num_heads
+    heads, padded = vision.num_heads, vision.built_heads
     for i in range(vision.layers_to_build):
         h, m = f"{src}encoder.layers.{i}.", f"{dst}encoder.layers.{i}."
         for p in ("weight", "bias") if vision.qkv_bias else ("weight",):
             q, k, v = _take(hf, h + f"self_attn.qkv.{p}").chunk(3, 0)
-            out[m + f"self_attention.linear_qkv.{p}"] = fuse_qkv(q, k, v, heads, heads)
+            out[m + f"self_attention.linear_qkv.{p}"] = fuse_padded_qkv(q, k, v, heads, padded)
         for p in ("weight", "bias"):
             out[m + f"self_attention.linear_proj.{p}"] = _take(hf, h + f"self_attn.projection.{p}")
             out[m + f"input_layernorm.{p}"] = _take(hf, h + f"layer_norm1.{p}")
             out[m + f"pre_mlp_layernorm.{p}"] = _take(hf, h + f"layer_norm2.{p}")
             out[m + f"mlp.linear_fc1.{p}"] = _take(hf, h + f"mlp.fc1.{p}")
             out[m + f"mlp.linear_fc2.{p}"] = _take(hf, h + f"mlp.fc2.{p}")
+        pad_projection(out, m + "self_attention.linear_proj.weight", heads, padded)
     if vision.post_norm:
         for p in ("weight", "bias"):
             out[dst + f"encoder.final_layernorm.{p}"] = _take(hf, src + f"post_layernorm.{p}")
@@ -212,17 +226,19 @@ def blip_vision_to_hf(full: dict, src: str, hf: dict, dst: str, vision: VisionCo
     hf[dst + "embeddings.position_embedding"] = full[src + "position_embeddings"].unsqueeze(0)
     for p in ("weight", "bias"):
         hf[dst + f"embeddings.patch_embedding.{p}"] = full[src + f"patch_embed.{p}"]
-    heads = vision.num_heads
+    heads, padded = vision.num_heads, vision.built_heads
     for i in range(vision.layers_to_build):
         m, h = f"{src}encoder.layers.{i}.", f"{dst}encoder.layers.{i}."
         for p in ("weight", "bias") if vision.qkv_bias else ("weight",):
-            hf[h + f"self_attn.qkv.{p}"] = torch.cat(split_qkv(full[m + f"self_attention.linear_qkv.{p}"], heads, heads))
+            hf[h + f"self_attn.qkv.{p}"] = torch.cat(split_padded_qkv(full[m + f"self_attention.linear_qkv.{p}"],
+                                                                      heads, padded))
         for p in ("weight", "bias"):
             hf[h + f"self_attn.projection.{p}"] = full[m + f"self_attention.linear_proj.{p}"]
             hf[h + f"layer_norm1.{p}"] = full[m + f"input_layernorm.{p}"]
             hf[h + f"layer_norm2.{p}"] = full[m + f"pre_mlp_layernorm.{p}"]
             hf[h + f"mlp.fc1.{p}"] = full[m + f"mlp.linear_fc1.{p}"]
             hf[h + f"mlp.fc2.{p}"] = full[m + f"mlp.linear_fc2.{p}"]
+        strip_projection(hf, h + "self_attn.projection.weight", heads, padded)
     if vision.post_norm:
         for p in ("weight", "bias"):
             hf[dst + f"post_layernorm.{p}"] = full[src + f"encoder.final_layernorm.{p}"]
@@ -230,7 +246,7 @@ def blip_vision_to_hf(full: dict, src: str, hf: dict, dst: str, vision: VisionCo
 
 # ---- Q-Former (BERT naming) <-> megavlm -----------------------------------------------------------
 def _qformer_pairs(q, text: bool) -> list[tuple[str, str, str]]:
-    """(megavlm suffix, HF suffix, kind) per layer; kind: linear | kv | norm."""
+    """(megavlm suffix, HF suffix, kind) per layer; kind: q | kv | proj (per head) | linear."""
     pairs = []
     for i in range(q.num_layers):
         m, h = f"layers.{i}.", f"encoder.layer.{i}."
@@ -238,9 +254,9 @@ def _qformer_pairs(q, text: bool) -> list[tuple[str, str, str]]:
         if i % q.cross_attention_freq == 0:
             blocks.append(("cross_attention", "crossattention", "cross_norm"))
         for ours, theirs, norm in blocks:
-            pairs += [(m + f"{ours}.linear_q", h + f"{theirs}.attention.query", "linear"),
+            pairs += [(m + f"{ours}.linear_q", h + f"{theirs}.attention.query", "q"),
                       (m + f"{ours}.linear_kv", h + f"{theirs}.attention.", "kv"),
-                      (m + f"{ours}.linear_proj", h + f"{theirs}.output.dense", "linear"),
+                      (m + f"{ours}.linear_proj", h + f"{theirs}.output.dense", "proj"),
                       (m + norm, h + f"{theirs}.output.LayerNorm", "linear")]
         ffns = [("mlp_query", "_query")] + ([("mlp_text", "")] if text else [])
         for ours, suffix in ffns:
@@ -256,13 +272,18 @@ def qformer_to_megavlm(hf: dict, src: str, query_key: str, embeddings: str | Non
     for p in ("weight", "bias"):
         out[dst + f"layernorm.{p}"] = _take(hf, src + f"layernorm.{p}")
     text = embeddings is not None and q.text_input
+    heads, padded = q.num_heads, q.built_heads
     for ours, theirs, kind in _qformer_pairs(q, text):
         for p in ("weight", "bias"):
             if kind == "kv":
-                out[dst + f"{ours}.{p}"] = fuse_kv(_take(hf, src + theirs + f"key.{p}"),
-                                                   _take(hf, src + theirs + f"value.{p}"), q.num_heads)
+                out[dst + f"{ours}.{p}"] = fuse_padded_kv(_take(hf, src + theirs + f"key.{p}"),
+                                                          _take(hf, src + theirs + f"value.{p}"), heads, padded)
+            elif kind == "q":
+                out[dst + f"{ours}.{p}"] = pad_heads(_take(hf, src + f"{theirs}.{p}"), heads, padded)
             else:
                 out[dst + f"{ours}.{p}"] = _take(hf, src + f"{theirs}.{p}")
+        if kind == "proj":
+            pad_projection(out, dst + f"{ours}.weight", heads, padded)
     if text:
         out[dst + "word_embeddings.weight"] = _take(hf, embeddings + "word_embeddings.weight")
         out[dst + "position_embeddings.weight"] = _take(hf, embeddings + "position_embeddings.weight")
@@ -273,13 +294,18 @@ def qformer_to_hf(full: dict, src: str, hf: dict, dst: str, query_key: str, embe
     for p in ("weight", "bias"):
         hf[dst + f"layernorm.{p}"] = full[src + f"layernorm.{p}"]
     text = embeddings is not None and q.text_input
+    heads, padded = q.num_heads, q.built_heads
     for ours, theirs, kind in _qformer_pairs(q, text):
         for p in ("weight", "bias"):
             if kind == "kv":
-                k, v = split_kv(full[src + f"{ours}.{p}"], q.num_heads)
+                k, v = split_padded_kv(full[src + f"{ours}.{p}"], heads, padded)
                 hf[dst + theirs + f"key.{p}"], hf[dst + theirs + f"value.{p}"] = k, v
+            elif kind == "q":
+                hf[dst + f"{theirs}.{p}"] = strip_heads(full[src + f"{ours}.{p}"], heads, padded)
             else:
                 hf[dst + f"{theirs}.{p}"] = full[src + f"{ours}.{p}"]
+        if kind == "proj":
+            strip_projection(hf, dst + f"{theirs}.weight", heads, padded)
     if text:
         hf[embeddings + "word_embeddings.weight"] = full[src + "word_embeddings.weight"]
         hf[embeddings + "position_embeddings.weight"] = full[src + "position_embeddings.weight"]

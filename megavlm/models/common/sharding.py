@@ -192,6 +192,25 @@ def split_kv(kv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tens
     return grouped[:, 0].reshape(-1, *rest), grouped[:, 1].reshape(-1, *rest)
 
 
+def fuse_padded_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, padded: int) -> torch.Tensor:
+    """Multi-head HF q/k/v -> megatron's fused QKV with zero dummy heads up to ``padded``."""
+    return fuse_qkv(*(pad_heads(t, heads, padded) for t in (q, k, v)), padded, padded)
+
+
+def split_padded_qkv(qkv: torch.Tensor, heads: int, padded: int) -> tuple[torch.Tensor, ...]:
+    """Inverse of fuse_padded_qkv: the real heads' q, k, v."""
+    return tuple(strip_heads(t, heads, padded) for t in split_qkv(qkv, padded, padded))
+
+
+def fuse_padded_kv(k: torch.Tensor, v: torch.Tensor, heads: int, padded: int) -> torch.Tensor:
+    """fuse_kv with zero dummy heads up to ``padded``."""
+    return fuse_kv(pad_heads(k, heads, padded), pad_heads(v, heads, padded), padded)
+
+
+def split_padded_kv(kv: torch.Tensor, heads: int, padded: int) -> tuple[torch.Tensor, ...]:
+    return tuple(strip_heads(t, heads, padded) for t in split_kv(kv, padded))
+
+
 def split_qkv(qkv: torch.Tensor, num_heads: int, num_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of fuse_qkv."""
     per_group = num_heads // num_groups + 2

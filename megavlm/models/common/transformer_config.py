@@ -123,12 +123,13 @@ def _side_module_config(model: ModelConfig, parallel: ParallelConfig, dtype: tor
 def qformer_transformer_config(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype = torch.float32
                                ) -> TransformerConfig:
     q = model.qformer
-    return _side_module_config(model, parallel, dtype, q.num_layers, q.hidden_size, q.num_heads, q.ffn_hidden_size,
-                               q.hidden_size // q.num_heads, q.norm_eps, bias=True)
+    return _side_module_config(model, parallel, dtype, q.num_layers, q.hidden_size, q.built_heads, q.ffn_hidden_size,
+                               q.head_dim, q.norm_eps, bias=True)
 
 
 def resampler_transformer_config(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype = torch.float32
                                  ) -> TransformerConfig:
     f, width = model.flamingo, model.vision.hidden_size
-    return _side_module_config(model, parallel, dtype, f.resampler_depth, width, f.resampler_heads, f.resampler_ffn_mult * width,
+    return _side_module_config(model, parallel, dtype, f.resampler_depth, width, f.resampler_built_heads,
+                               f.resampler_ffn_mult * width,
                                f.resampler_head_dim, 1e-5, bias=False)

@@ -38,10 +38,11 @@ class ParallelFFN(MegatronModule):
 class QFormerLayer(MegatronModule):
     def __init__(self, q: QFormerConfig, config: TransformerConfig, vision_dim: int, has_cross: bool, tp_group=None):
         super().__init__(config=config)
-        h, heads = q.hidden_size, q.num_heads
-        self.attention = ParallelAttention(config, h, h, heads, h // heads, tp_group=tp_group)
+        # dummy heads (qformer.padded_heads) keep the real head size
+        h, heads = q.hidden_size, q.built_heads
+        self.attention = ParallelAttention(config, h, h, heads, q.head_dim, tp_group=tp_group)
         self.attention_norm = torch.nn.LayerNorm(h, eps=q.norm_eps)
-        self.cross_attention = (ParallelAttention(config, h, vision_dim, heads, h // heads, tp_group=tp_group)
+        self.cross_attention = (ParallelAttention(config, h, vision_dim, heads, q.head_dim, tp_group=tp_group)
                                 if has_cross else None)
         self.cross_norm = torch.nn.LayerNorm(h, eps=q.norm_eps) if has_cross else None
         self.mlp_query = ParallelFFN(config, h, q.ffn_hidden_size, tp_group)

@@ -11,7 +11,8 @@ import torch
 from megavlm.config.model import ConnectorConfig, FlamingoConfig, ModelConfig, VisionConfig
 from megavlm.models.common import hf_blocks
 from megavlm.models.common.adapter import ShardedAdapter
-from megavlm.models.common.sharding import ShardingPlan, fuse_kv, split_kv
+from megavlm.models.common.sharding import (ShardingPlan, fuse_kv, fuse_padded_kv, pad_heads, split_kv,
+                                            split_padded_kv, strip_heads)
 
 VISION, RESAMPLER, XATTN = "model.vision_model.", "model.perceiver_resampler.", "model.gated_cross_attn_layers."
 EMBED, HEAD = "model.embed_tokens.", "lm_head."
@@ -79,6 +80,7 @@ class FlamingoStateDictAdapter(ShardedAdapter):
 
     def _resampler_to_full(self, hf: dict, full: dict) -> None:
         f = self.model.flamingo
+        heads, padded = f.resampler_heads, f.resampler_built_heads  # zero dummy heads up to padded
         full["resampler.latents"] = _take(hf, RESAMPLER + "latents")
         for p in ("weight", "bias"):
             full[f"resampler.final_norm.{p}"] = _take(hf, RESAMPLER + f"layer_norm.{p}")
@@ -88,10 +90,11 @@ class FlamingoStateDictAdapter(ShardedAdapter):
                 full[ours + f"context_norm.{p}"] = _take(hf, attn + f"context_layer_norm.{p}")
                 full[ours + f"latents_norm.{p}"] = _take(hf, attn + f"latents_layer_norm.{p}")
                 full[ours + f"mlp_norm.{p}"] = _take(hf, ffn + f"ln.{p}")
-            full[ours + "attention.linear_q.weight"] = _take(hf, attn + "q_proj.weight")
-            full[ours + "attention.linear_kv.weight"] = fuse_kv(_take(hf, attn + "k_proj.weight"),
-                                                                _take(hf, attn + "v_proj.weight"), f.resampler_heads)
+            full[ours + "attention.linear_q.weight"] = pad_heads(_take(hf, attn + "q_proj.weight"), heads, padded)
+            full[ours + "attention.linear_kv.weight"] = fuse_padded_kv(
+                _take(hf, attn + "k_proj.weight"), _take(hf, attn + "v_proj.weight"), heads, padded)
             full[ours + "attention.linear_proj.weight"] = _take(hf, attn + "output_proj.weight")
+            hf_blocks.pad_projection(full, ours + "attention.linear_proj.weight", heads, padded)
             full[ours + "linear_fc1.weight"] = _take(hf, ffn + "fc.weight")
             full[ours + "linear_fc2.weight"] = _take(hf, ffn + "c_proj.weight")
 
@@ -147,6 +150,7 @@ class FlamingoStateDictAdapter(ShardedAdapter):
 
     def _resampler_to_hf(self, full: dict, hf: dict) -> None:
         f = self.model.flamingo
+        heads, padded = f.resampler_heads, f.resampler_built_heads  # dummy heads stripped
         hf[RESAMPLER + "latents"] = full["resampler.latents"]
         for p in ("weight", "bias"):
             hf[RESAMPLER + f"layer_norm.{p}"] = full[f"resampler.final_norm.{p}"]
@@ -156,10 +160,11 @@ class FlamingoStateDictAdapter(ShardedAdapter):
                 hf[attn + f"context_layer_norm.{p}"] = full[ours + f"context_norm.{p}"]
                 hf[attn + f"latents_layer_norm.{p}"] = full[ours + f"latents_norm.{p}"]
                 hf[ffn + f"ln.{p}"] = full[ours + f"mlp_norm.{p}"]
-            hf[attn + "q_proj.weight"] = full[ours + "attention.linear_q.weight"]
-            hf[attn + "k_proj.weight"], hf[attn + "v_proj.weight"] = split_kv(full[ours + "attention.linear_kv.weight"],
-                                                                              f.resampler_heads)
+            hf[attn + "q_proj.weight"] = strip_heads(full[ours + "attention.linear_q.weight"], heads, padded)
+            hf[attn + "k_proj.weight"], hf[attn + "v_proj.weight"] = split_padded_kv(
+                full[ours + "attention.linear_kv.weight"], heads, padded)
             hf[attn + "output_proj.weight"] = full[ours + "attention.linear_proj.weight"]
+            hf_blocks.strip_projection(hf, attn + "output_proj.weight", heads, padded)
             hf[ffn + "fc.weight"] = full[ours + "linear_fc1.weight"]
             hf[ffn + "c_proj.weight"] = full[ours + "linear_fc2.weight"]
 

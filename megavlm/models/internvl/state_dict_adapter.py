@@ -10,7 +10,7 @@ import torch
 from megavlm.config.model import ConnectorConfig, ModelConfig, VisionConfig
 from megavlm.models.common import hf_blocks
 from megavlm.models.common.hf_blocks import _take
-from megavlm.models.common.sharding import fuse_qkv, pad_heads, split_qkv, strip_heads
+from megavlm.models.common.sharding import fuse_padded_qkv, pad_heads, split_padded_qkv, strip_heads
 from megavlm.models.llava.state_dict_adapter import LlavaStateDictAdapter, normalize_hf_names
 
 VISION, PROJECTOR, LLM, HEAD = "model.vision_tower.", "model.multi_modal_projector.", "model.language_model.", "lm_head.weight"
@@ -46,10 +46,9 @@ def internvit_to_megavlm(hf: dict, src: str, out: dict, dst: str, vision: Vision
             for p in params:
                 out[f"{m}{ours}.{p}"] = _take(hf, f"{h}{theirs}.{p}")
         for p in _qkv_params(vision):
-            out[m + f"self_attention.linear_qkv.{p}"] = fuse_qkv(
-                *(pad_heads(_take(hf, f"{h}attention.{x}_proj.{p}"), heads, padded) for x in "qkv"), padded, padded)
-        proj = m + "self_attention.linear_proj.weight"
-        out[proj] = pad_heads(out[proj], heads, padded, dim=1)
+            out[m + f"self_attention.linear_qkv.{p}"] = fuse_padded_qkv(
+                *(_take(hf, f"{h}attention.{x}_proj.{p}") for x in "qkv"), heads, padded)
+        hf_blocks.pad_projection(out, m + "self_attention.linear_proj.weight", heads, padded)
         if vision.qk_norm:
             for x in "qk":
                 out[m + f"self_attention.{x}_layernorm.weight"] = pad_heads(_take(hf, h + f"attention.{x}_norm.weight"),
@@ -75,11 +74,10 @@ def internvit_to_hf(full: dict, src: str, hf: dict, dst: str, vision: VisionConf
             for p in params:
                 hf[f"{h}{theirs}.{p}"] = full[f"{m}{ours}.{p}"]
         for p in _qkv_params(vision):
-            qkv = split_qkv(full[m + f"self_attention.linear_qkv.{p}"], padded, padded)
+            qkv = split_padded_qkv(full[m + f"self_attention.linear_qkv.{p}"], heads, padded)
             for x, t in zip("qkv", qkv):
-                hf[h + f"attention.{x}_proj.{p}"] = strip_heads(t, heads, padded)
-        proj = h + "attention.projection_layer.weight"
-        hf[proj] = strip_heads(hf[proj], heads, padded, dim=1)
+                hf[h + f"attention.{x}_proj.{p}"] = t
+        hf_blocks.strip_projection(hf, h + "attention.projection_layer.weight", heads, padded)
         if vision.qk_norm:
             for x in "qk":
                 hf[h + f"attention.{x}_norm.weight"] = strip_heads(full[m + f"self_attention.{x}_layernorm.weight"],
