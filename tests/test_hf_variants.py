@@ -198,7 +198,8 @@ def _padded_attentions(model, cfg) -> list[tuple[torch.nn.Module, int, int]]:
     return found
 
 
-@pytest.mark.parametrize("name", ["internvl-5-heads-padded", "blip2-5-heads-padded", "flamingo-3-heads-padded-resampler"])
+@pytest.mark.parametrize("name", ["internvl-5-heads-padded", "blip2-5-heads-padded",
+                                  "flamingo-3-heads-padded-resampler"])
 def test_dummy_heads_get_no_gradient(single_process, name):
     """Zero dummy heads stay zero under training: every gradient that reaches them is exactly 0
     (zero q/k/v give a zero head output, whose output-projection columns are zero too), in the

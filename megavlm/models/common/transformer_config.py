@@ -131,5 +131,4 @@ def resampler_transformer_config(model: ModelConfig, parallel: ParallelConfig, d
                                  ) -> TransformerConfig:
     f, width = model.flamingo, model.vision.hidden_size
     return _side_module_config(model, parallel, dtype, f.resampler_depth, width, f.resampler_built_heads,
-                               f.resampler_ffn_mult * width,
-                               f.resampler_head_dim, 1e-5, bias=False)
+                               f.resampler_ffn_mult * width, f.resampler_head_dim, 1e-5, bias=False)

@@ -24,8 +24,8 @@ class ResamplerLayer(MegatronModule):
         super().__init__(config=config)
         self.context_norm = torch.nn.LayerNorm(width)
         self.latents_norm = torch.nn.LayerNorm(width)
-        self.attention = ParallelAttention(config, width, width, f.resampler_built_heads, f.resampler_head_dim, bias=False,
-                                           tp_group=tp_group)
+        self.attention = ParallelAttention(config, width, width, f.resampler_built_heads, f.resampler_head_dim,
+                                           bias=False, tp_group=tp_group)
         self.mlp_norm = torch.nn.LayerNorm(width)
         ffn = f.resampler_ffn_mult * width
         self.linear_fc1 = ColumnParallelLinear(width, ffn, config=config, init_method=config.init_method, bias=False,
