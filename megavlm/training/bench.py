@@ -22,7 +22,7 @@ class Harness:
 
 
 def build_harness(cfg, stage, batch: int, seq: int, dtype: torch.dtype, lr: float = 1e-4,
-                  images_per_sample: int = 1, fill: float = 1.0) -> Harness:
+                  images_per_sample: int = 1, fill: float = 1.0, recompute: bool = False) -> Harness:
     from megatron.core.optimizer import get_megatron_optimizer
 
     from megavlm.config.model import ParallelConfig
@@ -35,7 +35,7 @@ def build_harness(cfg, stage, batch: int, seq: int, dtype: torch.dtype, lr: floa
     from megavlm.training.step import configure_schedule, lm_loss_fn
 
     ctx = pinit.initialize(ParallelConfig(), seed=0)
-    model = build_model(cfg, ParallelConfig(), ctx, pinit.process_groups(), dtype=dtype)
+    model = build_model(cfg, ParallelConfig(), ctx, pinit.process_groups(), dtype=dtype, recompute=recompute)
     apply_stage(model, stage)
     ddp = wrap_ddp(model)
     configure_schedule([ddp])

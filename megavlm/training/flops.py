@@ -1,4 +1,5 @@
-"""Model FLOPs per training sample, from the shapes and the trainable set (for TFLOP/s and MFU).
+"""Model FLOPs per training sample, from the shapes and the trainable set (for TFLOP/s, MFU and
+the planner's time estimate).
 
 Matmul FLOPs only (2 per multiply-add). Each component costs its forward once; its backward
 costs one more forward for activation gradients when anything *before* it trains (gradients must
@@ -10,7 +11,17 @@ trainable before it runs forward only (megavlm runs it without autograd).
   llm_attn    = 2·s·n·d per layer (causal: half of the 4·s·n·d of full attention)
   vit_token   = 2h·3h + 2h·h + 2h·f·2 per layer, attention 4·t·h per layer, patch embedding 2·3p²·h
   connector   = 2(h_v·h + h·h) per image token (MLP), 2(4h_v·h + h·h) (pixel shuffle MLP), 2 h_v·h (linear)
-  (Flamingo's resampler and cross-attention and BLIP-2's Q-Former are not counted yet.)
+  Q-Former    per layer: 8q² + 4q·f per token and 4·(Q+L)·q attention per token over its Q queries +
+              L text tokens; every cross_attention_freq-th layer the queries also cross-attend:
+              4q² + 4·T·q per query and 4·h_v·q per image token (keys/values); + 2q·h per query
+              (the projection into the LLM). Generation runs the queries alone; BLIP-2's stage 1
+              (head: qformer) runs a query pass and a text pass (ITC), three joint passes (ITM:
+              the pair, a hard negative text, a hard negative image) and one joint pass (ITG).
+  resampler   per layer and latent: 2w·2i (q, out) + 2w·4w·2 (ReLU FFN, width w = h_v, inner
+              i = heads·head_dim) + 4·(T+N)·i attention; 2w·2i per key (T image tokens + N latents)
+  cross-attn  per block (before every interval-th layer) and text token: 2h·2h (q, out) +
+              2h·f·(3 if gated else 2) (its MLP) + 4·m·h attention over the sample's m media
+              tokens; 2·w·2h per media token (keys/values)
 """
 from __future__ import annotations
 
@@ -29,41 +40,120 @@ class FlopsBreakdown:
     vision: float
     connector: float
     llm: float
+    fusion: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.vision + self.connector + self.llm
+        return self.vision + self.connector + self.llm + self.fusion
 
 
 def _multiplier(trainable: bool, grads_flow_in: bool) -> float:
     return 1.0 + (1.0 if grads_flow_in else 0.0) + (1.0 if trainable else 0.0)
 
 
-def sample_flops(cfg: ModelConfig, seq_length: int, images: float, trainable: set[str]) -> FlopsBreakdown:
-    """Training FLOPs of one sample of ``seq_length`` tokens carrying ``images`` images."""
-    v, lang = cfg.vision, cfg.language
+def _attention_multiplier(trainable: bool, grads_flow_in: bool) -> float:
+    """Weight-free products: their backward is two forwards whenever any gradient passes."""
+    return 3.0 if (trainable or grads_flow_in) else 1.0
+
+
+def _vit_flops(cfg: ModelConfig, images: float, trainable: bool) -> float:
+    v = cfg.vision
+    tokens = v.num_patches + (1 if v.class_token else 0)
+    hv = v.hidden_size
+    per_token = v.layers_to_build * (2 * hv * 3 * hv + 2 * hv * hv + 2 * hv * v.ffn_hidden_size * 2)
+    patch = 2 * 3 * v.patch_size**2 * hv
+    attention = v.layers_to_build * 4 * tokens * hv
+    return images * tokens * ((per_token + patch) * _multiplier(trainable, False)
+                              + attention * _attention_multiplier(trainable, False))
+
+
+def _qformer_pass(cfg: ModelConfig, queries: int, text: int, cross: bool) -> tuple[float, float]:
+    """(weight FLOPs, attention FLOPs) of one Q-Former forward over ``queries`` + ``text`` tokens."""
+    q = cfg.qformer
+    hq, tokens = q.hidden_size, queries + text
+    image_tokens = cfg.vision.num_patches + (1 if cfg.vision.class_token else 0)
+    weights = q.num_layers * tokens * (8 * hq * hq + 4 * hq * q.ffn_hidden_size)
+    attention = q.num_layers * tokens * 4 * tokens * hq
+    cross_layers = len(range(0, q.num_layers, q.cross_attention_freq)) if cross and queries else 0
+    weights += cross_layers * (queries * 4 * hq * hq + image_tokens * 4 * cfg.vision.hidden_size * hq)
+    attention += cross_layers * queries * 4 * image_tokens * hq
+    return weights, attention
+
+
+def _qformer_flops(cfg: ModelConfig, images: float, text: int, trainable: bool, grads_in: bool) -> float:
+    q = cfg.qformer
+    queries = q.num_query_tokens
+    if cfg.head == "qformer":
+        passes = [(queries, 0, True), (0, text, False)] + [(queries, text, True)] * 4
+    else:
+        passes = [(queries, 0, True)]
+    weights = attention = 0.0
+    for pass_queries, pass_text, cross in passes:
+        w, a = _qformer_pass(cfg, pass_queries, pass_text, cross)
+        weights, attention = weights + w, attention + a
+    if cfg.head == "lm":
+        weights += queries * 2 * q.hidden_size * cfg.language.hidden_size
+    return images * (weights * _multiplier(trainable, grads_in) + attention * _attention_multiplier(trainable, grads_in))
+
+
+def _resampler_flops(cfg: ModelConfig, images: float, trainable: bool, grads_in: bool) -> float:
+    f, v = cfg.flamingo, cfg.vision
+    if not f.use_resampler:
+        return 0.0
+    w, inner, latents = v.hidden_size, f.resampler_built_heads * f.resampler_head_dim, f.num_latents
+    keys = v.num_patches + (1 if v.class_token else 0) + latents
+    weights = f.resampler_depth * (latents * (2 * w * 2 * inner + 2 * w * f.resampler_ffn_mult * w * 2)
+                                   + keys * 2 * w * 2 * inner)
+    attention = f.resampler_depth * latents * 4 * keys * inner
+    return images * (weights * _multiplier(trainable, grads_in) + attention * _attention_multiplier(trainable, grads_in))
+
+
+def _connector_flops(cfg: ModelConfig, images: float, text: int, trainable: bool, grads_in: bool) -> float:
+    kind, hv, h = cfg.connector.type, cfg.vision.hidden_size, cfg.language.hidden_size
+    if kind == "qformer":
+        return _qformer_flops(cfg, images, text, trainable, grads_in)
+    if kind == "perceiver":
+        return _resampler_flops(cfg, images, trainable, grads_in)
+    per_token = {"mlp2x_gelu": 2 * (hv * h + h * h), "pixel_shuffle_mlp": 2 * (4 * hv * h + h * h)}.get(kind, 2 * hv * h)
+    return images * cfg.image_tokens * per_token * _multiplier(trainable, grads_in)  # per LLM image token
+
+
+def _fusion_flops(cfg: ModelConfig, seq_length: int, images: float, trainable: bool, grads_in: bool) -> float:
+    """Flamingo's gated cross-attention blocks (every media token of the sample is a key)."""
+    if cfg.flamingo is None:
+        return 0.0
+    lang = cfg.language
+    h, gated = lang.hidden_size, 3 if lang.activation == "swiglu" else 2
+    blocks = lang.num_layers // cfg.flamingo.cross_attention_interval
+    media = images * cfg.media_tokens
+    weights = blocks * (seq_length * (4 * h * h + 2 * h * lang.ffn_hidden_size * gated) + media * 4 * cfg.vision.hidden_size * h)
+    attention = blocks * seq_length * 4 * media * h
+    return weights * _multiplier(trainable, grads_in) + attention * _attention_multiplier(trainable, grads_in)
+
+
+def _llm_flops(cfg: ModelConfig, seq_length: int, trainable: bool, grads_in: bool) -> float:
+    lang = cfg.language
     h, f, n, g, d = lang.hidden_size, lang.ffn_hidden_size, lang.num_heads, lang.query_groups, lang.head_dim
     gated = 3 if lang.activation == "swiglu" else 2
-    llm_token = lang.num_layers * (2 * h * (n * d + 2 * g * d) + 2 * n * d * h + 2 * h * f * gated) + 2 * h * lang.vocab_size
-    llm_attn = lang.num_layers * 2 * seq_length * n * d
-    vision_tokens = v.num_patches + (1 if v.class_token else 0)
-    hv = v.hidden_size
-    vit_token = v.layers_to_build * (2 * hv * 3 * hv + 2 * hv * hv + 2 * hv * v.ffn_hidden_size * 2)
-    vit_attn = v.layers_to_build * 4 * vision_tokens * hv
-    patch = 2 * 3 * v.patch_size**2 * hv
-    conn_token = {"mlp2x_gelu": 2 * (hv * h + h * h), "pixel_shuffle_mlp": 2 * (4 * hv * h + h * h)}.get(
-        cfg.connector.type, 2 * hv * h)  # per LLM image token; the pixel shuffle packs 4 ViT tokens into one
+    per_token = lang.num_layers * (2 * h * (n * d + 2 * g * d) + 2 * n * d * h + 2 * h * f * gated) + 2 * h * lang.vocab_size
+    attention = lang.num_layers * 2 * seq_length * n * d
+    return seq_length * (per_token * _multiplier(trainable, grads_in) + attention * _attention_multiplier(trainable, grads_in))
 
-    vis_train, conn_train, llm_train = "vision" in trainable, "connector" in trainable, bool({"llm", "lora", "fusion"} & trainable)
-    vision = images * (vision_tokens * (vit_token + patch) + vision_tokens * vit_attn) * _multiplier(vis_train, False)
-    if vis_train:
-        vision += images * vision_tokens * vit_attn  # attention's backward is two forwards
-    connector = images * cfg.image_tokens * conn_token * _multiplier(conn_train, vis_train)
-    llm_grads_in = vis_train or conn_train
-    llm = seq_length * llm_token * _multiplier(llm_train, llm_grads_in)
-    attn_backward = 2.0 if (llm_train or llm_grads_in) else 0.0
-    llm += seq_length * llm_attn * (1.0 + attn_backward)
-    return FlopsBreakdown(vision, connector, llm)
+
+def sample_flops(cfg: ModelConfig, seq_length: int, images: float, trainable: set[str]) -> FlopsBreakdown:
+    """Training FLOPs of one sample of ``seq_length`` tokens carrying ``images`` images (BLIP-2's
+    stage 1: ``seq_length`` text tokens for the Q-Former, no LLM)."""
+    vis_train, conn_train = "vision" in trainable, "connector" in trainable
+    fusion_train, llm_train = "fusion" in trainable, bool({"llm", "lora"} & trainable)
+    vision = _vit_flops(cfg, images, vis_train)
+    connector = _connector_flops(cfg, images, seq_length, conn_train, vis_train)
+    if cfg.head == "qformer":
+        return FlopsBreakdown(vision, connector, 0.0)
+    image_side_trains = vis_train or conn_train
+    fusion = _fusion_flops(cfg, seq_length, images, fusion_train, image_side_trains)
+    # LLM layers sit after the fusion blocks they hold: gradients reach them from any trainable block
+    llm = _llm_flops(cfg, seq_length, llm_train, image_side_trains or fusion_train)
+    return FlopsBreakdown(vision, connector, llm, fusion)
 
 
 def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:

@@ -44,7 +44,7 @@ class Blip2Model(VLMBase):
         self.vision = self.qformer = self.language_projection = None
         tp_group = pg_collection.tp if pg_collection is not None else None
         if pre_process:
-            self.vision = build_vision_tower(model, parallel, pg_collection, dtype)
+            self.vision = build_vision_tower(model, parallel, pg_collection, dtype, recompute)
             # generation reads only the query outputs: no text path (as in HF's model)
             qformer = dataclasses.replace(model.qformer, text_input=False)
             if model.connector.tensor_parallel == 1:
