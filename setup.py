@@ -20,6 +20,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megavlm", "megavlm.*"]) + ["megavlm.kernels"],
     package_dir={"megavlm.kernels": "kernels"},
+    package_data={"megavlm.training": ["gpus.yaml"]},   # the planner's GPU table
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
     install_requires=[
@@ -39,11 +40,13 @@ setup(
         "pycocoevalcap>=1.2,<1.3",   # CIDEr-D and BLEU scorers (the Java tokenizer, METEOR, SPICE are not used)
     ],
     extras_require={
-        "hf": ["transformers>=5,<6"],
+        # 5.25 made the `kernels` package a hard dependency and imports it on start-up; run from a
+        # checkout, the repository's kernels/ folder would stand in for it and break the import
+        "hf": ["transformers>=5,<5.25"],
         "kernels": ["triton>=3.2"],
         "dali": ["nvidia-dali-cuda130>=2.4"],
         "peft": ["peft>=0.13", "torchao>=0.10"],
-        "test": ["pytest>=8", "transformers>=5,<6", "triton>=3.2", "nvidia-dali-cuda130>=2.4", "peft>=0.13",
+        "test": ["pytest>=8", "transformers>=5,<5.25", "triton>=3.2", "nvidia-dali-cuda130>=2.4", "peft>=0.13",
                  "torchao>=0.10"],
     },
     entry_points={"console_scripts": ["megavlm=megavlm.cli:main", "megavlm-train=megavlm.train:main"]},

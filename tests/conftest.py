@@ -31,6 +31,19 @@ def single_process():
     yield ctx
 
 
+@pytest.fixture
+def own_world():
+    """For a test that sets up process groups of its own (the planner's fake world, a benchmark
+    harness): the shared one-process world is torn down before it and rebuilt after it."""
+    from megavlm.config.model import ParallelConfig
+    from megavlm.parallel import init as pinit
+
+    pinit.destroy()
+    yield
+    pinit.destroy()
+    pinit.initialize(ParallelConfig(), seed=0)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -15,6 +15,7 @@ from megavlm.training.memory import nf4_size, saved_activation_bytes
 from megavlm.training.step import forward_backward
 
 BATCH, SEQ = 4, 48
+pytestmark = pytest.mark.usefixtures("own_world")
 
 
 @pytest.mark.parametrize("family,trainable", [

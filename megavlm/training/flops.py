@@ -7,7 +7,7 @@ flow through it), and one more for weight gradients when it trains itself. Atten
 score/value products have no weights: their backward is two forwards. A frozen ViT with nothing
 trainable before it runs forward only (megavlm runs it without autograd).
 
-  llm_token   = 2h(nd + 2gd) + 2ndh + 2h·f·(3 if gated else 2)     per layer, + 2hV for the output layer
+  llm_token   = 2h(nd + 2gd) + 2ndh + 2h·f·(3 if gated else 2)     per layer; the output layer 2hV
   llm_attn    = 2·s·n·d per layer (causal: half of the 4·s·n·d of full attention)
   vit_token   = 2h·3h + 2h·h + 2h·f·2 per layer, attention 4·t·h per layer, patch embedding 2·3p²·h
   connector   = 2(h_v·h + h·h) per image token (MLP), 2(4h_v·h + h·h) (pixel shuffle MLP), 2 h_v·h (linear)
@@ -22,6 +22,8 @@ trainable before it runs forward only (megavlm runs it without autograd).
   cross-attn  per block (before every interval-th layer) and text token: 2h·2h (q, out) +
               2h·f·(3 if gated else 2) (its MLP) + 4·m·h attention over the sample's m media
               tokens; 2·w·2h per media token (keys/values)
+  recompute   (full activation recomputation) one more forward of every transformer layer whose
+              weights train: hardware work, not model FLOPs, so MFU does not count it
 """
 from __future__ import annotations
 
@@ -39,12 +41,13 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G
 class FlopsBreakdown:
     vision: float
     connector: float
-    llm: float
-    fusion: float = 0.0
+    llm: float            # the decoder layers
+    fusion: float = 0.0   # Flamingo's cross-attention blocks among them
+    head: float = 0.0     # the output layer
 
     @property
     def total(self) -> float:
-        return self.vision + self.connector + self.llm + self.fusion
+        return self.vision + self.connector + self.llm + self.fusion + self.head
 
 
 def _multiplier(trainable: bool, grads_flow_in: bool) -> float:
@@ -131,29 +134,43 @@ def _fusion_flops(cfg: ModelConfig, seq_length: int, images: float, trainable: b
     return weights * _multiplier(trainable, grads_in) + attention * _attention_multiplier(trainable, grads_in)
 
 
-def _llm_flops(cfg: ModelConfig, seq_length: int, trainable: bool, grads_in: bool) -> float:
+def _llm_flops(cfg: ModelConfig, seq_length: int, trainable: bool, grads_in: bool) -> tuple[float, float]:
+    """(decoder layers, output layer) FLOPs of one sample."""
     lang = cfg.language
     h, f, n, g, d = lang.hidden_size, lang.ffn_hidden_size, lang.num_heads, lang.query_groups, lang.head_dim
     gated = 3 if lang.activation == "swiglu" else 2
-    per_token = lang.num_layers * (2 * h * (n * d + 2 * g * d) + 2 * n * d * h + 2 * h * f * gated) + 2 * h * lang.vocab_size
+    per_token = lang.num_layers * (2 * h * (n * d + 2 * g * d) + 2 * n * d * h + 2 * h * f * gated)
     attention = lang.num_layers * 2 * seq_length * n * d
-    return seq_length * (per_token * _multiplier(trainable, grads_in) + attention * _attention_multiplier(trainable, grads_in))
+    layers = seq_length * (per_token * _multiplier(trainable, grads_in) + attention * _attention_multiplier(trainable, grads_in))
+    return layers, seq_length * 2 * h * lang.vocab_size * _multiplier(trainable, grads_in)
 
 
 def sample_flops(cfg: ModelConfig, seq_length: int, images: float, trainable: set[str]) -> FlopsBreakdown:
     """Training FLOPs of one sample of ``seq_length`` tokens carrying ``images`` images (BLIP-2's
     stage 1: ``seq_length`` text tokens for the Q-Former, no LLM)."""
-    vis_train, conn_train = "vision" in trainable, "connector" in trainable
-    fusion_train, llm_train = "fusion" in trainable, bool({"llm", "lora"} & trainable)
+    vis_train, conn_train, fusion_train = "vision" in trainable, "connector" in trainable, "fusion" in trainable
     vision = _vit_flops(cfg, images, vis_train)
     connector = _connector_flops(cfg, images, seq_length, conn_train, vis_train)
     if cfg.head == "qformer":
         return FlopsBreakdown(vision, connector, 0.0)
     image_side_trains = vis_train or conn_train
     fusion = _fusion_flops(cfg, seq_length, images, fusion_train, image_side_trains)
-    # LLM layers sit after the fusion blocks they hold: gradients reach them from any trainable block
-    llm = _llm_flops(cfg, seq_length, llm_train, image_side_trains or fusion_train)
-    return FlopsBreakdown(vision, connector, llm, fusion)
+    # LLM layers sit after the fusion blocks they hold, and LoRA adapters sit in every layer:
+    # gradients pass through the whole decoder whenever any of them trains
+    grads_in = image_side_trains or fusion_train or "lora" in trainable
+    layers, head = _llm_flops(cfg, seq_length, "llm" in trainable, grads_in)
+    return FlopsBreakdown(vision, connector, layers, fusion, head)
+
+
+def recompute_flops(cfg: ModelConfig, seq_length: int, images: float, trainable: set[str]) -> FlopsBreakdown:
+    """The extra forward that full recomputation runs: the ViT's layers when the ViT trains, the
+    decoder's (with their cross-attention blocks) when anything in it trains. Frozen parts run in
+    eval mode, where megatron-core does not recompute."""
+    forward_only = sample_flops(cfg, seq_length, images, set())
+    decoder_trains = bool({"llm", "lora", "fusion"} & trainable) and cfg.head == "lm"
+    vision = forward_only.vision if "vision" in trainable else 0.0
+    return FlopsBreakdown(vision, 0.0, forward_only.llm if decoder_trains else 0.0,
+                          forward_only.fusion if decoder_trains else 0.0)
 
 
 def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:

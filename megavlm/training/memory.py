@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -167,6 +168,7 @@ def build_meta_stage(recipe, tp: int, pp: int, sequence_parallel: bool = False):
                           pre_process=parallel_state.is_pipeline_first_stage(),
                           post_process=parallel_state.is_pipeline_last_stage(),
                           dtype=recipe_dtype(recipe), recompute=recipe.train.recompute)
+        model = model.to(dtype=recipe_dtype(recipe))   # as build_model casts it
         apply_stage(model, stage)
     nf4 = {id(m.weight) for m in lora_modules(model)} if quantised else set()
     return model, nf4
@@ -213,15 +215,20 @@ def state_bytes_of(model: torch.nn.Module, ddp, optimizer, half_params: bool, nf
 def main_params(optimizer) -> list[torch.Tensor]:
     """The fp32 tensors megatron-core's optimizer(s) step: one per trainable parameter (or its
     data-parallel shard under the distributed optimizer)."""
+    return [p for opt in _torch_optimizers(optimizer) for group in opt.param_groups for p in group["params"]]
+
+
+def _torch_optimizers(optimizer) -> list:
+    """The torch optimizers inside megatron-core's (chained) optimizer; a rank with nothing to
+    train (a pipeline stage of frozen layers) has none."""
     inner = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [p for opt in inner for group in opt.optimizer.param_groups for p in group["params"]]
+    return [opt.optimizer for opt in inner if getattr(opt, "optimizer", None) is not None]
 
 
 def measured_optimizer_bytes(optimizer, half_params: bool) -> int:
     """What a real optimizer holds after a step: Adam's moments, and the fp32 main copies when
     the model's weights are bf16/fp16."""
-    inner = getattr(optimizer, "chained_optimizers", [optimizer])
-    moments = sum(t.numel() * t.element_size() for opt in inner for state in opt.optimizer.state.values()
+    moments = sum(t.numel() * t.element_size() for opt in _torch_optimizers(optimizer) for state in opt.state.values()
                   for key, t in state.items() if key in ("exp_avg", "exp_avg_sq"))
     copies = sum(p.numel() * p.element_size() for p in main_params(optimizer)) if half_params else 0
     return moments + copies
@@ -247,7 +254,9 @@ def build_ddp_and_optimizer(model: torch.nn.Module, recipe, device: torch.device
 def layout_state_bytes(recipe, tp: int, pp: int, dp: int, pp_rank: int = 0,
                        sequence_parallel: bool = False) -> StateBytes:
     """Counted state bytes of (tp rank 0, dp rank 0) of pipeline stage ``pp_rank``."""
-    with fake_layout(tp, pp, dp, pp_rank):
+    with fake_layout(tp, pp, dp, pp_rank), warnings.catch_warnings():
+        # a stage of frozen layers has no optimizer: expected here, where every stage is priced
+        warnings.filterwarnings("ignore", message=".*there is no optimizer on RANK")
         model, nf4 = build_meta_stage(recipe, tp, pp, sequence_parallel)
         ddp, optimizer = build_ddp_and_optimizer(model, recipe, torch.device("meta"), meta=True)
         return state_bytes_of(model, ddp, optimizer, recipe_dtype(recipe) != torch.float32, nf4)

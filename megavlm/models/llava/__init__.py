@@ -44,4 +44,16 @@ def _llava_15_7b() -> ModelConfig:
     )
 
 
-FLAVORS = {"debug": _debug, "llava-1b": _llava_1b, "llava-1.5-7b": _llava_15_7b}
+def _llava_15_13b() -> ModelConfig:
+    # CLIP ViT-L/14-336 + Vicuna-13B (llava-hf/llava-1.5-13b-hf shapes).
+    return ModelConfig(
+        family="llava", flavor="llava-1.5-13b",
+        vision=VisionConfig(**CLIP_VIT_L_336),
+        language=LanguageConfig(vocab_size=32064, hidden_size=5120, num_layers=40, num_heads=40,
+                                ffn_hidden_size=13824, max_seq_len=4096, norm_eps=1e-5),
+        connector=ConnectorConfig(type="mlp2x_gelu"),
+        image_token_id=32000,
+    )
+
+
+FLAVORS = {"debug": _debug, "llava-1b": _llava_1b, "llava-1.5-7b": _llava_15_7b, "llava-1.5-13b": _llava_15_13b}
