@@ -147,6 +147,47 @@ def load_model(model: torch.nn.Module, path: str | Path, partial: bool = False) 
         load_local_state(model, state["model"])
 
 
+def load_components(model: torch.nn.Module, path: str | Path, component: str, key: str) -> None:
+    """Collective: the parameters tagged ``component`` from the megavlm checkpoint at ``path``,
+    which may be another stage's or another family's (e.g. the ViT a CLIP stage trained, into a
+    LLaVA's vision tower). Every tensor must be there with the model's shape, except that a
+    checkpoint with more transformer layers than the model builds (LLaVA never runs the CLIP ViT's
+    last layer) gives its first ones. ``key`` names the recipe key in errors."""
+    import dataclasses
+
+    from megatron.core import dist_checkpointing
+
+    from megavlm.config.schema import ConfigError
+
+    try:
+        model_dir = os.fspath(_require_dist_checkpoint(resolve_checkpoint(path)))
+    except (FileNotFoundError, CheckpointError) as err:
+        raise ConfigError(f"bad value for '{key}': {err}") from None
+    names = {n for n, p in model.named_parameters() if getattr(p, "megavlm_component", None) == component}
+    if not names:
+        raise ConfigError(f"bad value for '{key}': the model has no '{component}' component")
+    stored = dist_checkpointing.load_tensors_metadata(model_dir)
+    template = {}
+    for name, item in model.sharded_state_dict().items():
+        if name not in names:
+            continue
+        found = stored.get(item.key)
+        if found is None:
+            raise ConfigError(f"bad value for '{key}': {path} has no tensor {item.key!r} (for {name}); "
+                              f"it must hold a model with the same {component} tower")
+        want, have = tuple(item.global_shape), tuple(found.global_shape)
+        if have != want:
+            more_layers = item.prepend_axis_num == 1 and have[1:] == want[1:] and have[0] > want[0]
+            if not more_layers:
+                raise ConfigError(f"bad value for '{key}': {item.key} has shape {have} in {path} but {want} in "
+                                  f"the model: check the recipe's model section against the checkpoint's model.yaml")
+            item = dataclasses.replace(item, global_shape=have,
+                                       axis_fragmentations=(have[0], *item.axis_fragmentations[1:]))
+        template[name] = item
+    state = dist_checkpointing.load({"model": template}, model_dir)
+    model.load_state_dict(state["model"], strict=False)
+
+
 # ---- RNG ---------------------------------------------------------------------------------------
 def rng_state() -> dict:
     from megatron.core import tensor_parallel
