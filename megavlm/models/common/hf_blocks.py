@@ -51,6 +51,23 @@ def clip_layers_to_megavlm(hf: dict, src: str, out: dict, dst: str, layers: int,
         pad_projection(out, m + "self_attention.linear_proj.weight", heads, padded)
 
 
+def stand_alone_clip_tower(hf: dict, out: dict, dst: str, vision: VisionConfig) -> bool:
+    """The vision tower of an HF CLIP or SigLIP checkpoint (``CLIPModel``, ``CLIPVisionModel``,
+    ``SiglipModel``, ``SiglipVisionModel``: tensors under ``vision_model.``) into ``out``; False
+    when ``hf`` is not one. Its post-layernorm becomes the ViT's final norm when the config has one."""
+    prefix = "vision_model."
+    if prefix + "embeddings.patch_embedding.weight" not in hf:
+        return False
+    if vision.qk_norm or vision.layer_scale is not None or not vision.qkv_bias:
+        raise ValueError("a CLIP/SigLIP vision tower has no QK-norm or LayerScale and has q/k/v biases: set "
+                         "model.vision.qk_norm: false, layer_scale: null, qkv_bias: true")
+    clip_vision_to_megavlm(hf, prefix, out, dst, vision)
+    if vision.post_norm:
+        for p in ("weight", "bias"):
+            out[dst + f"encoder.final_layernorm.{p}"] = _take(hf, prefix + f"post_layernorm.{p}")
+    return True
+
+
 def pad_projection(state: dict, key: str, heads: int, padded: int) -> None:
     """Zero input columns of an attention's output projection for the dummy heads: whatever a
     dummy head computes, it adds nothing (and its weights get zero gradients)."""
