@@ -41,11 +41,12 @@ setup(
         "datasketch>=1.6,<3",        # MinHash LSH of tools/filter_dataset.py (near-duplicate captions)
     ],
     extras_require={
-        "hf": ["transformers>=5,<6"],
+        # 5.25 depends on HF's `kernels` package, whose import name is this repository's kernels/ folder
+        "hf": ["transformers>=5,<5.25"],
         "kernels": ["triton>=3.2"],
         "dali": ["nvidia-dali-cuda130>=2.4"],
         "peft": ["peft>=0.13", "torchao>=0.10"],
-        "test": ["pytest>=8", "transformers>=5,<6", "triton>=3.2", "nvidia-dali-cuda130>=2.4", "peft>=0.13",
+        "test": ["pytest>=8", "transformers>=5,<5.25", "triton>=3.2", "nvidia-dali-cuda130>=2.4", "peft>=0.13",
                  "torchao>=0.10"],
     },
     entry_points={"console_scripts": ["megavlm=megavlm.cli:main", "megavlm-train=megavlm.train:main"]},

@@ -149,33 +149,20 @@ def _verify_contrastive(hf_dir: Path, model, dtype: torch.dtype) -> float:
     """CLIP / SigLIP: the image-text logits (scaled similarities, + SigLIP's bias) of both models."""
     import transformers
 
+    from megavlm.data.synthetic import synthetic_pairs
     from megavlm.models.clip.state_dict_adapter import hf_architecture
 
     cfg = model.model_config
     hf = getattr(transformers, hf_architecture(cfg)).from_pretrained(str(hf_dir), dtype=dtype,
                                                                      local_files_only=True).eval()
-    images, ids, mask = contrastive_inputs(cfg, dtype)
+    pairs = synthetic_pairs(cfg, 3, dtype=dtype)
+    images, ids, mask = pairs["images"], pairs["text_ids"], pairs["text_mask"]
     with torch.no_grad():
         ours = model.objective.logits(model.embed_images(images), model.embed_texts(ids, mask))
         # CLIP reads the end-of-text token's position; SigLIP reads whole rows padded to its length
         masked = {"attention_mask": mask} if cfg.contrastive.text_pooling != "last" else {}
         ref = hf(input_ids=ids, pixel_values=images, **masked).logits_per_image
     return (ours.float() - ref.float()).abs().max().item()
-
-
-def contrastive_inputs(cfg, dtype: torch.dtype, seed: int = 0):
-    """Two images and three texts of different lengths, each [bos?] tokens [eot] padding (SigLIP:
-    full rows), for checking a contrastive model against HF."""
-    g = torch.Generator().manual_seed(seed)
-    size, length, vocab = cfg.vision.image_size, cfg.language.max_seq_len, cfg.language.vocab_size
-    eot = cfg.contrastive.eot_token_id if cfg.contrastive.eot_token_id is not None else vocab - 1
-    ids = torch.randint(3, vocab, (3, length), generator=g)
-    ids[ids == eot] = 3   # the end-of-text token closes each text, once
-    mask = torch.ones_like(ids)
-    if cfg.contrastive.text_pooling != "last":
-        for row, n in enumerate((length, length * 2 // 3, max(2, length // 4))):
-            ids[row, n - 1], ids[row, n:], mask[row, n:] = eot, 0, 0
-    return torch.randn(2, 3, size, size, generator=g).to(dtype), ids, mask
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,7 @@ class VisionConfig:
     num_layers: int = 24
     num_heads: int = 16
     ffn_hidden_size: int = 4096
-    activation: Literal["quick_gelu", "gelu", "gelu_tanh"] = "quick_gelu"   # gelu_tanh: SigLIP's tanh-approximated GELU
+    activation: Literal["quick_gelu", "gelu", "gelu_tanh"] = "quick_gelu"
     norm_eps: float = 1e-5
     class_token: bool = True
     pre_norm: bool = True          # CLIP's ln_pre before the first layer
@@ -210,9 +210,10 @@ class FlamingoConfig:
 class ContrastiveConfig:
     """Two-tower image-text pre-training (CLIP, SigLIP): the ViT (``vision``) and a text transformer
     (``language``) are each pooled to one vector, projected into a shared space and trained to
-    match the right pairs of a batch against every other pair of the global batch."""
+    match each image with its text against every other pair of the micro-batches of all
+    data-parallel ranks (embeddings gathered with gradients)."""
 
-    # clip: InfoNCE over the global batch, both directions; siglip: a sigmoid per image-text pair
+    # clip: InfoNCE, image->text and text->image; siglip: a sigmoid per image-text pair (learned bias)
     loss: Literal["clip", "siglip"] = "clip"
     embed_dim: int = 768                 # size of the shared space both towers project into
     # class_token: CLIP's normalised class token; attention: SigLIP's attention pooling (one

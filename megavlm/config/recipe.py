@@ -278,9 +278,16 @@ class EvalConfig:
     # standard benchmarks at the end of the stage: [{name, path, max_samples}], answers generated
     # greedily with the KV cache (eval/benchmark_runner.py); results in <checkpoint.dir>/eval/
     benchmarks: list[BenchmarkConfig] = field(default_factory=list)
+    # a CLIP / SigLIP checkpoint (megavlm, e.g. a contrastive stage's, or an HF directory): the VLM
+    # captions the first max_samples images of eval.captions and clip_similarity is their mean CLIP
+    # similarity (beside a blank image's caption's and the reference captions'); null: not measured
+    clip_model: Optional[str] = None
+    clip_tokenizer: Optional[str] = None   # the CLIP model's tokenizer when it is not beside the checkpoint
+    caption_max_new_tokens: int = 24       # length of the captions generated for clip_similarity
 
     def __post_init__(self):
         check(all(k >= 0 for k in self.few_shot), "eval.few_shot", "shot counts must be >= 0")
+        check(self.caption_max_new_tokens > 0, "eval.caption_max_new_tokens", "must be positive")
 
 
 @dataclass
@@ -320,6 +327,8 @@ class Recipe:
             self._check_sequence_parallel()
         if self.model.head == "contrastive":
             self._check_contrastive()
+        check(self.eval.clip_model is None or (self.model.head == "lm" and bool(self.eval.captions)), "eval.clip_model",
+              "clip_similarity scores the captions a VLM (head: lm) generates for eval.captions: set eval.captions")
         check(not self.train.overlap_param_gather or self.optimizer.distributed, "train.overlap_param_gather",
               "overlaps the distributed optimizer's parameter all-gather: set optimizer.distributed: true")
 

@@ -27,7 +27,7 @@ KEY_HELP: dict[str, str] = {  # keys whose field has no comment in megavlm/confi
     "model.vision.num_layers": "ViT layers in the pretrained model (only those up to feature_layer are built)",
     "model.vision.num_heads": "ViT attention heads",
     "model.vision.ffn_hidden_size": "ViT MLP width",
-    "model.vision.activation": "ViT MLP activation (CLIP: quick_gelu)",
+    "model.vision.activation": "ViT MLP activation (CLIP: quick_gelu; SigLIP: gelu_tanh, GELU's tanh approximation)",
     "model.vision.norm_eps": "LayerNorm/RMSNorm epsilon of the ViT",
     "model.vision.class_token": "the ViT has a class token",
     "model.vision.patch_bias": "bias on the patch-embedding convolution",

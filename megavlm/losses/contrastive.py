@@ -3,9 +3,10 @@ sigmoid loss. Each holds its learned logit scale (and SigLIP's bias).
 
 Embeddings arrive L2-normalised, [local rows, E]. The other ranks' rows are gathered over the
 data-parallel group *with* gradients (losses/gather.py), so every sample's negatives are the
-whole global batch and each rank's loss reaches every rank's towers. Each rank returns the loss
-*sum* over its own rows; summed over ranks and divided by the global batch size (the trainer's
-per-sample normalisation) this is exactly the single-process loss over the whole batch:
+micro-batches of all data-parallel ranks (as in CLIP: the local batch of every worker) and each
+rank's loss reaches every rank's towers. Each rank returns the loss *sum* over its own rows;
+summed over ranks and divided by their number (the trainer's per-sample normalisation) this is
+exactly the single-process loss over the ranks' micro-batches put together:
 
 * clip:   mean over samples of (CE(image -> all texts) + CE(text -> all images)) / 2
 * siglip: mean over images of sum over all texts of -log sigmoid(z_ij (t x_i . y_j + b)),

@@ -10,6 +10,8 @@ trainable before it runs forward only (megavlm runs it without autograd).
   llm_attn    = 2·s·n·d per layer (causal: half of the 4·s·n·d of full attention)
   vit_token   = 2h·3h + 2h·h + 2h·f·2 per layer, attention 4·t·h per layer, patch embedding 2·3p²·h
   connector   = 2(h_v·h + h·h) per image token (MLP), 2(4h_v·h + h·h) (pixel shuffle MLP), 2 h_v·h (linear)
+  contrastive (CLIP/SigLIP): the ViT, the text encoder as the LLM without its output layer, the
+  projections 2·E·(h_v + h) per pair
   (Flamingo's resampler and cross-attention and BLIP-2's Q-Former are not counted yet.)
 """
 from __future__ import annotations
@@ -58,12 +60,25 @@ def sample_flops(cfg: ModelConfig, seq_length: int, images: float, trainable: se
     vision = images * (vision_tokens * (vit_token + patch) + vision_tokens * vit_attn) * _multiplier(vis_train, False)
     if vis_train:
         vision += images * vision_tokens * vit_attn  # attention's backward is two forwards
+    if cfg.head == "contrastive":
+        return _contrastive(cfg, seq_length, images, trainable, vision, llm_token - 2 * h * lang.vocab_size, llm_attn)
     connector = images * cfg.image_tokens * conn_token * _multiplier(conn_train, vis_train)
     llm_grads_in = vis_train or conn_train
     llm = seq_length * llm_token * _multiplier(llm_train, llm_grads_in)
     attn_backward = 2.0 if (llm_train or llm_grads_in) else 0.0
     llm += seq_length * llm_attn * (1.0 + attn_backward)
     return FlopsBreakdown(vision, connector, llm)
+
+
+def _contrastive(cfg: ModelConfig, seq_length: int, images: float, trainable: set[str], vision: float,
+                 text_token: float, text_attn: float) -> FlopsBreakdown:
+    """A CLIP/SigLIP pair: the ViT, the text encoder (no output layer; bidirectional attention
+    costs twice the causal) and the projections (reported as the connector)."""
+    text_train, embed = "text" in trainable, cfg.contrastive.embed_dim
+    attn = text_attn * (1 if cfg.contrastive.causal_text else 2)
+    text = seq_length * (text_token * _multiplier(text_train, False) + attn * (3.0 if text_train else 1.0))
+    projections = 2 * embed * (images * cfg.vision.hidden_size + cfg.language.hidden_size)
+    return FlopsBreakdown(vision, projections * _multiplier("connector" in trainable, True), text)
 
 
 def peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:

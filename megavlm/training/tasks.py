@@ -19,6 +19,7 @@ class LMTask:
     def __init__(self, recipe, tokenizer, model, pgs, ctx):
         self.recipe, self.tokenizer = recipe, tokenizer
         self.head = lm_head(recipe.model, pgs.tp, model.output_weight if ctx.is_last_stage else None)
+        self.clip_scorer = _clip_scorer(recipe.eval, pgs, ctx) if recipe.eval.clip_model else None
 
     def builder(self):
         r = self.recipe
@@ -40,7 +41,18 @@ class LMTask:
     def evaluate(self, eval_ctx) -> dict:
         from megavlm.eval.vlm_eval import evaluate_vlm
 
-        return evaluate_vlm(eval_ctx, self.recipe.eval, self.recipe.data.template)
+        return evaluate_vlm(eval_ctx, self.recipe.eval, self.recipe.data.template, self.clip_scorer)
+
+
+def _clip_scorer(eval_cfg, pgs, ctx):
+    """The CLIP model eval.clip_model names, loaded now so that a bad path stops the run at once."""
+    from megavlm.config.schema import ConfigError
+    from megavlm.eval.clip_score import ClipScorer
+
+    try:
+        return ClipScorer.load(eval_cfg.clip_model, pgs, ctx.device, eval_cfg.clip_tokenizer)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"bad value for 'eval.clip_model': {err}") from None
 
 
 class QFormerTask:
@@ -91,8 +103,9 @@ class QFormerTask:
 
 
 class ContrastiveTask:
-    """CLIP / SigLIP pre-training: the objective's mean over the global batch (every sample's
-    negatives are the whole global batch); zero-shot retrieval and CLIP similarity metrics."""
+    """CLIP / SigLIP pre-training: the objective's mean over the global batch (a sample's
+    negatives: its micro-batch on every data-parallel rank); zero-shot retrieval and CLIP
+    similarity metrics."""
 
     collate = "text"
     runs_every_micro_batch = True   # each forward gathers its micro-batch over the data-parallel ranks
