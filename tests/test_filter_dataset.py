@@ -185,3 +185,16 @@ def test_shards_in_shards_out_and_capped_caption_groups(planted, tmp_path):
     kept = open_source(tmp_path / "out" / "shards" / "index.json", "shards")
     assert len(kept) == summary["kept"] == report.samples - len(dropped)
     assert kept[len(kept) - 1].images[0].read("last") is not None
+
+
+@pytest.mark.parametrize("fmt, name", [("conversations", "conversations_val.json"),
+                                       ("interleaved", "interleaved_val.jsonl")])
+def test_conversations_and_interleaved_come_out_in_their_own_format(small_embedded, tmp_path, fmt, name):
+    """Duplicate filters only (no CLIP model): the output is the same format with image paths
+    that resolve from the output directory; an interleaved record is scored image by image."""
+    summary = run_filter(small_embedded / name, fmt, tmp_path)
+    kept = open_source(tmp_path / name, fmt)
+    original = open_source(small_embedded / name, fmt)
+    assert summary["kept"] == len(kept) and summary["kept"] + summary["dropped"] == len(original)
+    assert all(ref.path.is_file() for i in range(len(kept)) for ref in kept[i].images)
+    assert [len(kept[i].images) for i in range(len(kept))] == [len(original[i].images) for i in range(len(kept))]

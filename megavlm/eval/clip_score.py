@@ -124,7 +124,7 @@ def _from_megavlm(path: Path, pg_collection, dtype):
     from megavlm.training.checkpoint import load_model, read_model_config, resolve_checkpoint
 
     model = _build(read_model_config(path), pg_collection, dtype)
-    load_model(model, path)
+    load_model(model, path, whole_on_every_rank=True)
     recipe = resolve_checkpoint(path) / "recipe.yaml"
     tokenizer = None
     if recipe.is_file():

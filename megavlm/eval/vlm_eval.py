@@ -99,6 +99,8 @@ def _answers(ctx: EvalContext, items: list[dict], max_new_tokens: int, blank: bo
     """Greedy answers to each item's prompt (with its images, or blank ones)."""
     cfg = ctx.model_cfg
     size, mbs = cfg.vision.image_size, ctx.micro_batch_size
+    # never <image>, nor the vocabulary rows past the tokenizer's pieces (nothing decodes them)
+    banned = [cfg.image_token_id, *range(ctx.tokenizer.vocab_size, cfg.language.vocab_size)]
     answers = []
     for start in range(0, len(items), mbs):
         chunk = items[start: start + mbs]
@@ -108,7 +110,7 @@ def _answers(ctx: EvalContext, items: list[dict], max_new_tokens: int, blank: bo
             pixel = blank_image(size).expand(pixel.shape[0], -1, -1, -1).contiguous()
         per_sample = [sum(t.shape[0] for t in i["images"]) for i in chunk]
         outputs = generate(ctx.model_chunks, [i["prompt"] for i in chunk], pixel, per_sample, ctx.head, ctx.tokenizer,
-                           SamplingConfig(max_new_tokens=max_new_tokens), banned=[cfg.image_token_id])
+                           SamplingConfig(max_new_tokens=max_new_tokens), banned=banned)
         answers += [out.text for out in outputs]
     return answers
 
