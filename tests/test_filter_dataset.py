@@ -198,3 +198,35 @@ def test_conversations_and_interleaved_come_out_in_their_own_format(small_embedd
     assert summary["kept"] == len(kept) and summary["kept"] + summary["dropped"] == len(original)
     assert all(ref.path.is_file() for i in range(len(kept)) for ref in kept[i].images)
     assert [len(kept[i].images) for i in range(len(kept))] == [len(original[i].images) for i in range(len(kept))]
+
+
+def test_the_scorer_reads_an_hf_siglip_directory_as_hf_scores_it(single_process, small_embedded, tmp_path):
+    """--clip HF_DIR: the SiglipModel's weights through the clip adapter, pixels renormalised to
+    SigLIP's statistics (mean and std 0.5), texts padded to its 32 positions: the cosine HF's own
+    model gives for the same pixels and tokens."""
+    import torch
+
+    from megavlm.data.images import CLIP_MEAN, CLIP_STD
+    from megavlm.eval.clip_score import ClipScorer
+    from megavlm.models.registry import flavor_config
+    from megavlm.parallel.init import process_groups
+    from tests import clip_cases
+
+    cfg = flavor_config("clip", "debug-siglip")
+    clip_cases.hf_reference(cfg, seed=9).save_pretrained(tmp_path / "hf")
+    hf = clip_cases.hf_model(cfg).__class__.from_pretrained(tmp_path / "hf").eval()
+    scorer = ClipScorer.load(tmp_path / "hf", process_groups(), single_process.device,
+                             tokenizer=str(small_embedded / "tokenizer.model"))
+    records = [json.loads(line) for line in (small_embedded / "captions_val.jsonl").read_text().splitlines()[:4]]
+    pixels = torch.stack(scorer.decode_images([(small_embedded / r["image"]).read_bytes() for r in records],
+                                              [r["id"] for r in records]))
+    texts = [r["caption"] for r in records]
+    ours = scorer.similarity(pixels, texts)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+    ids, _ = scorer.encode_texts(texts)
+    with torch.no_grad():
+        image = hf.get_image_features(pixel_values=(pixels * std + mean - 0.5) / 0.5).pooler_output
+        text = hf.get_text_features(input_ids=ids).pooler_output
+    ref = torch.nn.functional.cosine_similarity(image, text)
+    assert ids.shape[1] == cfg.language.max_seq_len
+    assert (ours - ref).abs().max().item() < 1e-5

@@ -6,8 +6,10 @@ clip family's state-dict adapter. Used by tools/filter_dataset.py and by a VLM s
 
 The scorer is a whole model on this process (tensor-parallel size 1 over a group of its own), so
 it runs beside a model of any layout. Images go through the project's CLIP preprocessing
-(data/images.py). A megavlm checkpoint's tokenizer is its recipe's ``data.tokenizer``; an HF
-directory's is its tokenizer.json (or sentencepiece model); ``tokenizer`` overrides either.
+(data/images.py); an HF model trained with other pixel statistics (SigLIP: mean and std 0.5, from
+its preprocessor_config.json) gets its pixels renormalised to them. A megavlm checkpoint's
+tokenizer is its recipe's ``data.tokenizer``; an HF directory's is its tokenizer.json (or
+sentencepiece model); ``tokenizer`` overrides either.
 """
 from __future__ import annotations
 
@@ -18,15 +20,21 @@ import torch
 
 from megavlm.config.model import ParallelConfig
 from megavlm.data.augment import ImageAug
-from megavlm.data.images import PILBackend
+from megavlm.data.images import CLIP_MEAN, CLIP_STD, PILBackend
 from megavlm.data.tokenizer import load_tokenizer
 
 
 class ClipScorer:
-    def __init__(self, model, tokenizer, device: torch.device):
+    def __init__(self, model, tokenizer, device: torch.device, pixel_stats: tuple | None = None):
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.config = model.model_config
         self.backend = PILBackend(self.config.vision.image_size)
+        self.renormalise = None
+        if pixel_stats is not None and tuple(map(tuple, pixel_stats)) != (CLIP_MEAN, CLIP_STD):
+            mean, std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in pixel_stats)
+            clip_mean, clip_std = (torch.tensor(v).view(3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+            # CLIP-normalised x -> the model's: ((x * clip_std + clip_mean) - mean) / std
+            self.renormalise = (clip_std / std, (clip_mean - mean) / std)
 
     # ---- loading ---------------------------------------------------------------------------
     @classmethod
@@ -45,7 +53,8 @@ class ClipScorer:
         model = model.to(device).eval()
         for param in model.parameters():
             param.requires_grad_(False)
-        return cls(model, load_tokenizer(tokenizer, require_image_token=False), device)
+        stats = _hf_pixel_stats(path) if (path / "config.json").is_file() else None
+        return cls(model, load_tokenizer(tokenizer, require_image_token=False), device, stats)
 
     # ---- embeddings ------------------------------------------------------------------------
     def decode_images(self, images: list[bytes], sample_ids: list[str]) -> list:
@@ -57,6 +66,9 @@ class ClipScorer:
         """[n, 3, S, S] -> L2-normalised [n, E] (fp32, on the CPU)."""
         if not pixels.shape[0]:
             return torch.zeros(0, self.config.contrastive.embed_dim)
+        if self.renormalise is not None:
+            scale, shift = self.renormalise
+            pixels = pixels * scale + shift
         dtype = next(self.model.parameters()).dtype
         return self.model.embed_images(pixels.to(self.device, dtype)).float().cpu()
 
@@ -83,6 +95,20 @@ class ClipScorer:
     def similarity(self, pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """Cosine similarity of each image with its text, [n]."""
         return (self.image_embeddings(pixels) * self.text_embeddings(texts)).sum(-1)
+
+
+def _hf_pixel_stats(path: Path) -> tuple:
+    """(mean, std) the HF model was trained with: its preprocessor_config.json, else its class's
+    default (SigLIP: 0.5 and 0.5, CLIP: CLIP's)."""
+    import json
+
+    preprocessor = path / "preprocessor_config.json"
+    if preprocessor.is_file():
+        config = json.loads(preprocessor.read_text())
+        if "image_mean" in config and "image_std" in config:
+            return tuple(config["image_mean"]), tuple(config["image_std"])
+    siglip = json.loads((path / "config.json").read_text()).get("model_type") == "siglip"
+    return ((0.5,) * 3, (0.5,) * 3) if siglip else (CLIP_MEAN, CLIP_STD)
 
 
 def _solo(pg_collection):
