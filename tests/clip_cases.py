@@ -13,7 +13,8 @@ FAMILY = "clip"
 # name -> (flavor, overrides); every one of them also runs at TP=2
 VARIANTS = {
     "clip": ("debug", ["vision.hidden_size=72", "vision.num_heads=6", "vision.ffn_hidden_size=136",
-                       "language.vocab_size=509", "language.hidden_size=48", "language.num_heads=6", "language.num_kv_heads=6",
+                       "language.vocab_size=509", "language.hidden_size=48", "language.num_heads=6",
+                       "language.num_kv_heads=6",
                        "language.ffn_hidden_size=100", "language.max_seq_len=20", "contrastive.embed_dim=40",
                        "contrastive.eot_token_id=508"]),
     "siglip": ("debug-siglip", ["vision.image_size=42", "vision.hidden_size=60",

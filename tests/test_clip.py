@@ -102,7 +102,8 @@ def test_tp2_parity_and_objectives_at_tp2_and_dp2(single_process, tmp_path):
     run_torchrun(ROOT / "tests" / "workers" / "clip_step.py", 2, ["--out", str(tmp_path)])
     parity = json.loads((tmp_path / "parity_tp2.json").read_text())
     for name, result in parity.items():
-        print(f"{name} TP=2: HF -> megavlm {result['logits_diff']:.2e}, megavlm -> HF {result['export_logits_diff']:.2e}")
+        print(f"{name} TP=2: HF -> megavlm {result['logits_diff']:.2e}, "
+              f"megavlm -> HF {result['export_logits_diff']:.2e}")
         assert result["logits_diff"] < TOLERANCE and result["export_logits_diff"] < TOLERANCE, name
         assert result["export_mismatches"] == [] and result["export_missing"] == [], name
     for loss in clip_step.OBJECTIVE_FLAVORS:

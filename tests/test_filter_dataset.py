@@ -113,7 +113,8 @@ def test_filters_find_the_planted_records_under_torchrun(trained_clip, small_emb
     print(f"\n{len(labels)} records, min similarity {threshold} (held-out matched "
           f"{metrics['similarity_matched']:.3f}, shuffled {metrics['similarity_shuffled']:.3f})")
     for reason, (precision, recall, flagged, planted_count) in table.items():
-        print(f"  {reason:<22} precision {precision:.3f} recall {recall:.3f} ({flagged} flagged, {planted_count} planted)")
+        print(f"  {reason:<22} precision {precision:.3f} recall {recall:.3f} "
+              f"({flagged} flagged, {planted_count} planted)")
     methods = Counter((labels[d["id"]], d.get("method")) for d in dropped if d["reason"] == "near_duplicate_image")
     print("  near duplicates by kind and detector:", dict(methods))
     (tmp_path / "precision_recall.json").write_text(json.dumps(table))
@@ -166,7 +167,8 @@ def test_shards_in_shards_out_and_capped_caption_groups(planted, tmp_path):
 
     path, labels = planted
     lines = path.read_text().splitlines()
-    boilerplate = ["Click to enlarge", "click to enlarge!", "CLICK TO ENLARGE.", "click  to enlarge", "Click to enlarge"]
+    boilerplate = ["Click to enlarge", "click to enlarge!", "CLICK TO ENLARGE.", "click  to enlarge",
+                   "Click to enlarge"]
     rng = np.random.default_rng(0)
     extra = []
     for k in range(10):   # ten distinct images (noise) under one caption, spelled five ways

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Convert between HF checkpoints (local safetensors directories) and megavlm checkpoints.
 
-  hf-to-megavlm  --hf DIR --out CKPT      HF LLaVA / BLIP-2 / IDEFICS / InternVL / CLIP / SigLIP -> megavlm dist checkpoint
+  hf-to-megavlm  --hf DIR --out CKPT      HF LLaVA / BLIP-2 / IDEFICS / InternVL / CLIP / SigLIP -> megavlm
   megavlm-to-hf  --ckpt CKPT --out DIR    megavlm checkpoint -> HF directory (config.json + safetensors)
 
 A megavlm checkpoint is layout-independent: training loads it at any TP/PP. ``--verify`` builds

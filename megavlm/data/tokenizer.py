@@ -16,7 +16,8 @@ END_OF_CHUNK = "<|endofchunk|>"   # Flamingo: closes the text that belongs to an
 
 
 class SentencePieceTokenizer:
-    def __init__(self, path: str | Path, added_tokens: list[str] | tuple[str, ...] = (), require_image_token: bool = True):
+    def __init__(self, path: str | Path, added_tokens: list[str] | tuple[str, ...] = (),
+                 require_image_token: bool = True):
         import sentencepiece as spm
 
         path = Path(path)
@@ -110,7 +111,8 @@ class HFTokenizer:
     """A tokenizer.json (HF ``tokenizers``), with bos/eos/pad from the tokenizer_config.json beside
     it when there is one. ``added_tokens`` missing from the file are added after its vocabulary."""
 
-    def __init__(self, path: str | Path, added_tokens: list[str] | tuple[str, ...] = (), require_image_token: bool = True):
+    def __init__(self, path: str | Path, added_tokens: list[str] | tuple[str, ...] = (),
+                 require_image_token: bool = True):
         import json
 
         from tokenizers import Tokenizer
@@ -192,7 +194,8 @@ class HFTokenizer:
         return self.tk.token_to_id(piece)
 
 
-def load_tokenizer(path: str | Path, added_tokens: list[str] | tuple[str, ...] = (), require_image_token: bool = True):
+def load_tokenizer(path: str | Path, added_tokens: list[str] | tuple[str, ...] = (),
+                   require_image_token: bool = True):
     """A sentencepiece model file, or a tokenizer.json (or a directory holding one).
     ``require_image_token``: a VLM's tokenizer must have ``<image>`` (a contrastive model's need
     not; its ``image_token_id`` is then None)."""

@@ -177,6 +177,9 @@ def load_components(model: torch.nn.Module, path: str | Path, component: str, ke
         if found is None:
             raise ConfigError(f"bad value for '{key}': {path} has no tensor {item.key!r} (for {name}); "
                               f"it must hold a model with the same {component} tower")
+        if not isinstance(item, ShardedTensor):   # a factory (SwiGLU's [gate; up] under TP): built and checked on load
+            template[name] = item
+            continue
         want, have = tuple(item.global_shape), tuple(found.global_shape)
         if have == want:
             template[name] = item

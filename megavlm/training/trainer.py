@@ -129,9 +129,9 @@ class Trainer:
         wanted = "generate" if self.recipe.model.head == "lm" else "retrieval"
         for lb in loaded:
             if lb.benchmark.kind != wanted:
-                raise ConfigError(f"eval.benchmarks: {lb.benchmark.name} needs a model that "
-                                  f"{'generates answers' if lb.benchmark.kind == 'generate' else 'scores image-text pairs (ITC, CLIP)'}"
-                                  f"; this stage's head is {self.recipe.model.head!r}")
+                needs = "generates answers" if lb.benchmark.kind == "generate" else "scores image-text pairs (ITC, CLIP)"
+                raise ConfigError(f"eval.benchmarks: {lb.benchmark.name} needs a model that {needs}; this stage's "
+                                  f"head is {self.recipe.model.head!r}")
         return loaded
 
     def _run_benchmarks(self, logger: MetricsLogger) -> dict[str, float]:

@@ -22,7 +22,7 @@ import torch
 
 from megavlm.data.quality import dedup, report
 from megavlm.data.quality.dataset import FilterInput, write_kept
-from megavlm.data.quality.signals import measure_batch
+from megavlm.data.quality.signals import THUMBNAIL, measure_batch
 
 
 @dataclass
@@ -31,7 +31,7 @@ class FilterSettings:
     dedup: bool = True
     hash_size: int = 16                      # pHash side per channel: 3 x 16 x 16 = 768 bits
     phash_radius: float | None = 100         # near-duplicate images within this Hamming distance
-    thumbnail_threshold: float | None = 0.97  # near-duplicate images at this colour-thumbnail cosine
+    thumbnail_threshold: float | None = 0.965  # near-duplicate images at this colour-thumbnail cosine
     embedding_threshold: float | None = None  # near-duplicate images at this CLIP-embedding cosine
     caption_threshold: float = 0.9           # near-duplicate captions at this 5-gram Jaccard similarity
     max_caption_repeats: int | None = None   # keep at most this many records per caption group; None: report only
@@ -61,7 +61,7 @@ def check_output(source: FilterInput, out_dir: Path) -> None:
 
 def _meta(source: FilterInput, settings: FilterSettings, clip_model: str | None) -> dict:
     return {"input": str(source.path.resolve()), "format": source.fmt, "records": len(source),
-            "batch_size": settings.batch_size, "hash_size": settings.hash_size,
+            "batch_size": settings.batch_size, "hash_size": settings.hash_size, "thumbnail": THUMBNAIL,
             "clip_model": str(Path(clip_model).resolve()) if clip_model else None}
 
 
@@ -144,7 +144,8 @@ def decide(signals: dict, settings: FilterSettings, device) -> tuple[dict[int, d
     drops.update(dedup.exact_duplicates(order, {k: tuple(v) for k, v in images.items()},
                                         dict(zip(signals["index"], signals["text_hash"])), ids))
     order = [i for i in order if i not in drops]
-    drops.update(dedup.near_duplicate_images(order, signals["image_record"], _detectors(signals, settings, device), ids))
+    detectors = _detectors(signals, settings, device)
+    drops.update(dedup.near_duplicate_images(order, signals["image_record"], detectors, ids))
     order = [i for i in order if i not in drops]
     caption_drops, groups = dedup.near_duplicate_captions(order, dict(zip(signals["index"], signals["text"])), ids,
                                                           settings.caption_threshold, settings.max_caption_repeats)
@@ -184,13 +185,15 @@ def write_outputs(source: FilterInput, out_dir: Path, signals: dict, drops: dict
         json.dumps({"index": i, "id": sid, "similarity": round(s, 5), "pairs": [round(x, 5) for x in p]}) + "\n"
         for i, sid, s, p in scored))
     scores = np.array([s for _, _, s, _ in scored], dtype=np.float64)
+    reasons = dict(Counter(d.reason for d in drops.values()).most_common())
     summary = {"input": str(source.path), "format": source.fmt, "records": len(source), "kept": len(keep),
-               "dropped": len(drops), "dropped_by_reason": dict(Counter(d.reason for d in drops.values()).most_common()),
+               "dropped": len(drops), "dropped_by_reason": reasons,
                "output": str(dataset), "clip_model": clip_model, "similarity": report.similarity_summary(
                    scores, settings.min_similarity), "largest_caption_groups": groups, "settings": asdict(settings)}
     if scores.size:
+        model = f" ({Path(clip_model).name})" if clip_model else ""
         report.histogram_png(scores, out_dir / "similarity_histogram.png", settings.min_similarity,
-                             f"CLIP similarity of {scores.size} records ({Path(clip_model).name if clip_model else ''})")
+                             f"CLIP similarity of {scores.size} records{model}")
         summary["histogram"] = str(out_dir / "similarity_histogram.png")
     _atomic_text(out_dir / "summary.json", json.dumps(summary, indent=1))
     _atomic_text(out_dir / "summary.txt", report.summary_text(summary, scores))

@@ -85,7 +85,8 @@ class LlavaStateDictAdapter(ShardedAdapter):
 
     def components_to_megavlm(self, sources: dict[str, dict], tp_rank: int = 0, pp_rank: int = 0) -> dict:
         """Local state of the components taken from stand-alone HF models: ``vision`` from a CLIP
-        or SigLIP checkpoint (the whole model or its vision tower), ``llm`` from a Llama checkpoint. A vocabulary smaller than the
+        or SigLIP checkpoint (the whole model or its vision tower), ``llm`` from a Llama
+        checkpoint. A vocabulary smaller than the
         model's (Vicuna's 32000 vs LLaVA's 32064 with <image>) is padded with the mean embedding."""
         full: dict = {}
         if "vision" in sources and not hf_blocks.stand_alone_clip_tower(sources["vision"], full, "vision.",
