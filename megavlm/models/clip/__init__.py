@@ -27,10 +27,11 @@ def _siglip_text(**shape) -> LanguageConfig:
                           qkv_bias=True, linear_bias=True, norm_eps=1e-6, **shape)
 
 
-def _siglip_contrastive(embed_dim: int) -> ContrastiveConfig:
+def _siglip_contrastive(embed_dim: int, eot_token_id: int) -> ContrastiveConfig:
     return ContrastiveConfig(loss="siglip", embed_dim=embed_dim, image_pooling="attention", text_pooling="last",
                              causal_text=False, image_projection=False, text_projection_bias=True,
-                             logit_scale_init=math.log(10.0), logit_bias_init=-10.0, max_logit_scale=None)
+                             logit_scale_init=math.log(10.0), logit_bias_init=-10.0, max_logit_scale=None,
+                             eot_token_id=eot_token_id)
 
 
 def _debug() -> ModelConfig:
@@ -55,7 +56,7 @@ def _debug_siglip() -> ModelConfig:
                             ffn_hidden_size=128, **_SIGLIP_VIT),
         language=_siglip_text(vocab_size=771, hidden_size=64, num_layers=2, num_heads=4, ffn_hidden_size=128,
                               max_seq_len=32),
-        contrastive=_siglip_contrastive(64),
+        contrastive=_siglip_contrastive(64, eot_token_id=2),
         image_token_id=3,
         init_std=0.07,
     )
@@ -82,7 +83,7 @@ def _siglip_so400m_384() -> ModelConfig:
                             ffn_hidden_size=4304, **_SIGLIP_VIT),
         language=_siglip_text(vocab_size=32000, hidden_size=1152, num_layers=27, num_heads=16, ffn_hidden_size=4304,
                               max_seq_len=64),
-        contrastive=_siglip_contrastive(1152),
+        contrastive=_siglip_contrastive(1152, eot_token_id=1),
         image_token_id=0,
     )
 

@@ -155,6 +155,8 @@ def config_from_hf(hf_config: dict, flavor: str = "hf") -> ModelConfig:
     """ModelConfig from an HF CLIPModel or SiglipModel config.json dict."""
     siglip = hf_config.get("model_type") == "siglip"
     text, vis = hf_config["text_config"], hf_config["vision_config"]
+    eot = text.get("eos_token_id")
+    eot = eot if isinstance(eot, int) and 0 <= eot < text["vocab_size"] else None
     vision = hf_blocks.clip_config_from_hf(vis, -1, True)
     vision.post_norm = True
     if siglip:
@@ -162,11 +164,11 @@ def config_from_hf(hf_config: dict, flavor: str = "hf") -> ModelConfig:
         contrastive = ContrastiveConfig(
             loss="siglip", embed_dim=text.get("projection_size") or text["hidden_size"], image_pooling="attention",
             text_pooling="last", causal_text=False, image_projection=False, text_projection_bias=True,
-            logit_scale_init=0.0, logit_bias_init=0.0, max_logit_scale=None, eot_token_id=text.get("eos_token_id"))
+            logit_scale_init=0.0, logit_bias_init=0.0, max_logit_scale=None, eot_token_id=eot)
     else:
         contrastive = ContrastiveConfig(embed_dim=hf_config.get("projection_dim", 512),
                                         logit_scale_init=float(hf_config.get("logit_scale_init_value", 2.6592)),
-                                        eot_token_id=text.get("eos_token_id"))
+                                        eot_token_id=eot)
     return ModelConfig(family="clip", flavor=flavor, head="contrastive", vision=vision,
                        language=_text_config_from_hf(text, siglip), contrastive=contrastive, image_token_id=0)
 
