@@ -143,14 +143,14 @@ def data_overrides(data_dir: Path, captions: bool = True) -> list[str]:
 
 @pytest.fixture(scope="session")
 def trained_clip(single_process, small_embedded, tmp_path_factory):
-    """The debug CLIP trained from scratch on the small embedded set, once per session (about 120
+    """The debug CLIP trained from scratch on the small embedded set, once per session (96
     steps): (its checkpoint directory, its held-out metrics)."""
     from megavlm.config.recipe import load_recipe
     from megavlm.training.trainer import Trainer
 
     out = tmp_path_factory.mktemp("clip")
     recipe = load_recipe(ROOT / "examples" / "recipes" / "clip" / "clip_debug_pretrain.yaml", data_overrides(
-        small_embedded) + ["parallel.tensor_parallel=1", f"checkpoint.dir={out}", "train.epochs=10",
+        small_embedded) + ["parallel.tensor_parallel=1", f"checkpoint.dir={out}", "train.epochs=8",
                            "train.log_interval=1000", "eval.max_samples=48", "train.eval_samples=48",
                            "checkpoint.keep_best=0", "checkpoint.save_every_epoch=false"])
     metrics = Trainer(recipe).run()

@@ -4,8 +4,9 @@
   every layout in tests/clip_cases.py; rank 0 compares the logits with HF's and exports the
   gathered shards back to HF names;
 * the objectives (clip, siglip) under TP=2 (whole batch on each rank) and DP=2 (half the batch
-  per rank, negatives gathered), from the same full-form weights; rank 0 saves the loss and the
-  gradients gathered to full form, for the test to compare with one process over the whole batch.
+  per rank, negatives gathered; also 4 + 2 rows, and 6 + 0 as when a rank's samples were all
+  skipped), from the same full-form weights; rank 0 saves the loss and the gradients gathered to
+  full form, for the test to compare with one process over the whole batch.
 """
 import argparse
 import json
@@ -31,6 +32,7 @@ from tests import clip_cases
 FAMILY = get_family("clip")
 OBJECTIVE_FLAVORS = {"clip": "debug", "siglip": "debug-siglip"}
 SAMPLES = 6
+DP_SPLITS = {"dp2": (3, 3), "dp2_uneven": (4, 2), "dp2_empty": (6, 0)}   # rows of rank 0, rank 1
 
 
 def parity(name: str, ctx, pgs, parallel: ParallelConfig) -> dict | None:
@@ -54,8 +56,10 @@ def parity(name: str, ctx, pgs, parallel: ParallelConfig) -> dict | None:
             "export_logits_diff": (again - ref).abs().max().item()}
 
 
-def objective_step(loss: str, parallel: ParallelConfig, full: dict, out: str, tag: str) -> None:
-    """One forward-backward of the whole batch (split over DP ranks); rank 0 saves loss and grads."""
+def objective_step(loss: str, parallel: ParallelConfig, full: dict, out: str, tag: str,
+                   split: tuple[int, ...] | None = None) -> None:
+    """One forward-backward of the whole batch, ``split`` rows per DP rank (default: even); rank 0
+    saves loss and grads."""
     ctx = pinit.initialize(parallel, seed=0)
     cfg = flavor_config("clip", OBJECTIVE_FLAVORS[loss])
     adapter = FAMILY.adapter_cls(cfg, tp_size=ctx.tp_size)
@@ -64,12 +68,13 @@ def objective_step(loss: str, parallel: ParallelConfig, full: dict, out: str, ta
     ddp = wrap_ddp(model)
     configure_schedule([ddp])
     data = batch_for(cfg)
-    share = SAMPLES // ctx.dp_size
-    mine = {k: v[ctx.dp_rank * share:(ctx.dp_rank + 1) * share] for k, v in data.items()}
+    split = split or (SAMPLES // ctx.dp_size,) * ctx.dp_size
+    start = sum(split[:ctx.dp_rank])
+    mine = {k: v[start:start + split[ctx.dp_rank]] for k, v in data.items()}
     task = ContrastiveTask.__new__(ContrastiveTask)
     task.objective = model.objective
     ddp.zero_grad_buffer()
-    result = forward_backward([ddp], [mine], task.loss_fn(), cfg.language.max_seq_len, share)
+    result = forward_backward([ddp], [mine], task.loss_fn(), cfg.language.max_seq_len, max(split))
     grads = gather_shards(local_grads(model), ctx.tp_rank, 0, ctx.dp_rank)
     if ctx.is_main:
         torch.save({"losses": result.losses, "grads": adapter.plan.unshard(grads)}, os.path.join(out, f"{tag}.pt"))
@@ -92,7 +97,8 @@ def main():
     for loss in OBJECTIVE_FLAVORS:
         full = load_file(os.path.join(args.out, f"{loss}_init.safetensors"))
         objective_step(loss, ParallelConfig(tensor_parallel=2), full, args.out, f"{loss}_tp2")
-        objective_step(loss, ParallelConfig(), full, args.out, f"{loss}_dp2")
+        for name, split in DP_SPLITS.items():
+            objective_step(loss, ParallelConfig(), full, args.out, f"{loss}_{name}", split)
     pinit.destroy()
 
 
