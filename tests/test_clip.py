@@ -86,6 +86,23 @@ def test_an_empty_micro_batch_joins_with_zero_gradients(single_process):
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
 
 
+@pytest.mark.parametrize("pooling, causal", [("eot", True), ("mean", False), ("mean", True)])
+def test_text_embeddings_do_not_depend_on_padding(single_process, pooling, causal):
+    """A text padded to a longer row has the embedding of the same text unpadded: CLIP's causal
+    end-of-text token never sees the padding after it; mean pooling hides it from attention and
+    from the mean."""
+    cfg = with_overrides(flavor_config("clip", "debug"), [f"contrastive.text_pooling={pooling}",
+                                                         f"contrastive.causal_text={causal}"])
+    model = build_model(cfg, ParallelConfig(), single_process, process_groups()).eval()
+    ids = torch.randint(5, 700, (1, 9), generator=torch.Generator().manual_seed(0))
+    padded = torch.cat([ids, torch.zeros(1, 7, dtype=torch.long)], 1)
+    mask = torch.cat([torch.ones(1, 9), torch.zeros(1, 7)], 1).long()
+    with torch.no_grad():
+        short = model.embed_texts(ids, torch.ones_like(ids))
+        long = model.embed_texts(padded, mask)
+    torch.testing.assert_close(short, long, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.multiproc
 def test_tp2_parity_and_objectives_at_tp2_and_dp2(single_process, tmp_path):
     """One torchrun launch: HF parity at TP=2; each objective's loss and every gradient at TP=2 and
