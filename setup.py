@@ -38,6 +38,8 @@ setup(
         "rich>=13",
         "webdataset>=0.2",
         "pycocoevalcap>=1.2,<1.3",   # CIDEr-D and BLEU scorers (the Java tokenizer, METEOR, SPICE are not used)
+        "imagehash>=4.3,<5",         # perceptual hashes of tools/filter_dataset.py (near-duplicate images)
+        "datasketch>=1.6,<3",        # MinHash LSH of tools/filter_dataset.py (near-duplicate captions)
     ],
     extras_require={
         # 5.25 made the `kernels` package a hard dependency and imports it on start-up; run from a

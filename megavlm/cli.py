@@ -41,6 +41,10 @@ COMMANDS = {
     "prepare-data": Command("JSON/JSONL + images -> webdataset shards with an index (tools/prepare_dataset.py)",
                             "megavlm prepare-data --input data/embedded/conversations_train.json "
                             "--format conversations --out data/shards/train", "prepare_dataset.py"),
+    "filter-data": Command("CLIP-similarity filtering and de-duplication of a dataset (tools/filter_dataset.py)",
+                           "megavlm filter-data --input data/embedded/captions_train.jsonl --format captions "
+                           "--clip outputs/clip/debug --out outputs/filtered --min-similarity 0.28",
+                           "filter_dataset.py"),
 }
 BENCHMARKS = {
     "throughput": Command("training tokens/s and MFU, megavlm vs HF (tools/benchmark_throughput.py)",

@@ -152,3 +152,19 @@ def data_overrides(data_dir: Path, captions: bool = True) -> list[str]:
             f"data.validation={data_dir}/{kind}_val.{ext}", f"data.tokenizer={data_dir}/tokenizer.model",
             f"eval.captions={data_dir}/captions_test.jsonl", "logging.progress=false", "data.sources=[]",
             "eval.benchmarks=[]", "stage.init_from=null"]
+
+
+@pytest.fixture(scope="session")
+def trained_clip(single_process, small_embedded, tmp_path_factory):
+    """The debug CLIP trained from scratch on the small embedded set, once per session (96
+    steps): (its checkpoint directory, its held-out metrics)."""
+    from megavlm.config.recipe import load_recipe
+    from megavlm.training.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("clip")
+    recipe = load_recipe(ROOT / "examples" / "recipes" / "clip" / "clip_debug_pretrain.yaml", data_overrides(
+        small_embedded) + ["parallel.tensor_parallel=1", f"checkpoint.dir={out}", "train.epochs=8",
+                           "train.log_interval=1000", "eval.max_samples=48", "train.eval_samples=48",
+                           "checkpoint.keep_best=0", "checkpoint.save_every_epoch=false"])
+    metrics = Trainer(recipe).run()
+    return out, metrics

@@ -65,7 +65,9 @@ def test_model_config_round_trips_and_validates():
     with pytest.raises(ConfigError, match="'language.num_kv_heads'"):
         LanguageConfig(num_heads=32, num_kv_heads=5)
     with pytest.raises(ConfigError, match="'vision.image_size'"):
-        VisionConfig(image_size=300, patch_size=14)
+        VisionConfig(image_size=10, patch_size=14)
+    # a remainder is dropped by the patch convolution, as HF does: SigLIP-so400m's 384 px, 27 x 27 patches
+    assert VisionConfig(image_size=384, patch_size=14).num_patches == 27 * 27
     with pytest.raises(ConfigError, match="'parallel.tensor_parallel'"):
         ParallelConfig(tensor_parallel=0)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Convert between HF checkpoints (local safetensors directories) and megavlm checkpoints.
 
-  hf-to-megavlm  --hf DIR --out CKPT      HF LLaVA / BLIP-2 / IDEFICS / InternVL -> megavlm dist checkpoint
+  hf-to-megavlm  --hf DIR --out CKPT      HF LLaVA / BLIP-2 / IDEFICS / InternVL / CLIP / SigLIP -> megavlm
   megavlm-to-hf  --ckpt CKPT --out DIR    megavlm checkpoint -> HF directory (config.json + safetensors)
 
 A megavlm checkpoint is layout-independent: training loads it at any TP/PP. ``--verify`` builds
@@ -87,6 +87,10 @@ def megavlm_to_hf(args) -> Path:
     hf_state = family.adapter_cls(model_cfg).megavlm_to_hf({(0, 0): tensors})
     reference = read_hf_dir(args.hf_reference)[1] if args.hf_reference else None
     hf_config, hf_state = family.complete_for_hf(model_cfg, hf_state, reference)
+    if hf_config.get("model_type") == "clip" and hf_config["text_config"].get("eos_token_id") == 2:
+        print("warning: end-of-text token id 2: HF's CLIPTextModel reads eos_token_id 2 as its old rule (the highest "
+              "token id ends the text), so the exported model pools another token than megavlm unless the "
+              "end-of-text token has the highest id of every text", file=sys.stderr)
     hf_config["torch_dtype"] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype]
     write_hf_dir(args.out, hf_config, hf_state)
     print(f"wrote HF checkpoint {args.out} ({family.hf_class}, {len(hf_state)} tensors)")
@@ -106,6 +110,8 @@ def verify(hf_dir: Path, ckpt: Path, dtype: torch.dtype, seed: int = 0) -> float
     load_model(model, ckpt)
     if model_cfg.head == "qformer":
         return _verify_retrieval(hf_dir, model, dtype)
+    if model_cfg.head == "contrastive":
+        return _verify_contrastive(hf_dir, model, dtype)
     family = get_family(model_cfg.family)
     hf_cls = getattr(transformers, family.hf_class)
     hf = hf_cls.from_pretrained(str(hf_dir), dtype=dtype, local_files_only=True).eval()
@@ -137,6 +143,26 @@ def _verify_retrieval(hf_dir: Path, model, dtype: torch.dtype) -> float:
         hidden = model.qformer(image=model.image_features(images), text_ids=ids, mask=query_mask(q, mask))
         ours = model.heads["itm"](hidden[:, :q]).mean(1)
     return (ours.float() - ref.logits_per_image.float()).abs().max().item()
+
+
+def _verify_contrastive(hf_dir: Path, model, dtype: torch.dtype) -> float:
+    """CLIP / SigLIP: the image-text logits (scaled similarities, + SigLIP's bias) of both models."""
+    import transformers
+
+    from megavlm.data.synthetic import synthetic_pairs
+    from megavlm.models.clip.state_dict_adapter import hf_architecture
+
+    cfg = model.model_config
+    hf = getattr(transformers, hf_architecture(cfg)).from_pretrained(str(hf_dir), dtype=dtype,
+                                                                     local_files_only=True).eval()
+    pairs = synthetic_pairs(cfg, 3, dtype=dtype)
+    images, ids, mask = pairs["images"], pairs["text_ids"], pairs["text_mask"]
+    with torch.no_grad():
+        ours = model.objective.logits(model.embed_images(images), model.embed_texts(ids, mask))
+        # CLIP reads the end-of-text token's position; SigLIP reads whole rows padded to its length
+        masked = {"attention_mask": mask} if cfg.contrastive.text_pooling != "last" else {}
+        ref = hf(input_ids=ids, pixel_values=images, **masked).logits_per_image
+    return (ours.float() - ref.float()).abs().max().item()
 
 
 def main(argv=None) -> int:

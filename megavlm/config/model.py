@@ -17,7 +17,7 @@ class VisionConfig:
     num_layers: int = 24
     num_heads: int = 16
     ffn_hidden_size: int = 4096
-    activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    activation: Literal["quick_gelu", "gelu", "gelu_tanh"] = "quick_gelu"
     norm_eps: float = 1e-5
     class_token: bool = True
     pre_norm: bool = True          # CLIP's ln_pre before the first layer
@@ -44,8 +44,10 @@ class VisionConfig:
     def __post_init__(self):
         check(self.padded_heads is None or self.padded_heads >= self.num_heads, "vision.padded_heads",
               f"{self.padded_heads} is fewer than num_heads {self.num_heads}")
-        check(self.image_size % self.patch_size == 0, "vision.image_size",
-              f"{self.image_size} is not a multiple of patch_size {self.patch_size}")
+        # A remainder is allowed: the patch convolution drops the last pixels, as HF's does
+        # (SigLIP-so400m reads 384 px in 27 patches of 14).
+        check(self.image_size >= self.patch_size, "vision.image_size",
+              f"{self.image_size} is smaller than patch_size {self.patch_size}")
         check(self.hidden_size % self.num_heads == 0, "vision.num_heads",
               f"hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads")
         check(-self.num_layers - 1 <= self.feature_layer <= self.num_layers, "vision.feature_layer",
@@ -77,7 +79,8 @@ class VisionConfig:
 
 @dataclass
 class LanguageConfig:
-    """A decoder-only LLM (Llama-style by default)."""
+    """A decoder-only LLM (Llama-style by default), or the text encoder of a contrastive model
+    (family clip: learned positions, causal or bidirectional per ``contrastive.causal_text``)."""
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -89,7 +92,7 @@ class LanguageConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
-    activation: Literal["swiglu", "gelu", "relu"] = "swiglu"
+    activation: Literal["swiglu", "gelu", "relu", "quick_gelu", "gelu_tanh"] = "swiglu"
     position_embedding: Literal["rope", "learned"] = "rope"
     qkv_bias: bool = False
     linear_bias: bool = False
@@ -204,6 +207,42 @@ class FlamingoConfig:
 
 
 @dataclass
+class ContrastiveConfig:
+    """Two-tower image-text pre-training (CLIP, SigLIP): the ViT (``vision``) and a text transformer
+    (``language``) are each pooled to one vector, projected into a shared space and trained to
+    match each image with its text against every other pair of the micro-batches of all
+    data-parallel ranks (embeddings gathered with gradients)."""
+
+    # clip: InfoNCE, image->text and text->image; siglip: a sigmoid per image-text pair (learned bias)
+    loss: Literal["clip", "siglip"] = "clip"
+    embed_dim: int = 768                 # size of the shared space both towers project into
+    # class_token: CLIP's normalised class token; attention: SigLIP's attention pooling (one
+    # learned probe attends to every patch, then a residual MLP)
+    image_pooling: Literal["class_token", "attention"] = "class_token"
+    # eot: the last real token, which closes every text (CLIP, causal); last: the last position of
+    # the padded row (SigLIP pads every text to language.max_seq_len); mean: the real tokens' mean
+    text_pooling: Literal["eot", "last", "mean"] = "eot"
+    causal_text: bool = True             # CLIP's text encoder is causal; SigLIP's is bidirectional
+    image_projection: bool = True        # false: the pooled image is the embedding (SigLIP)
+    text_projection_bias: bool = False   # SigLIP's text head has a bias, CLIP's projection none
+    logit_scale_init: float = 2.6592     # log of the initial similarity scale (CLIP: ln(1/0.07); SigLIP: ln(10))
+    logit_bias_init: Optional[float] = None   # the sigmoid loss's learned bias (SigLIP: -10); clip: null
+    # the scale exp(logit_scale) is clamped to at most this, as CLIP does; null: never clamped
+    max_logit_scale: Optional[float] = 100.0
+    # the end-of-text token written to an exported HF config (HF's CLIP finds the pooled token by
+    # it; megavlm pools the last real token, the same one for texts built as [bos] text [eot])
+    eot_token_id: Optional[int] = None
+
+    def __post_init__(self):
+        check(self.embed_dim > 0, "contrastive.embed_dim", "must be positive")
+        check((self.loss == "siglip") == (self.logit_bias_init is not None), "contrastive.logit_bias_init",
+              "the sigmoid loss (loss: siglip) needs a logit bias, InfoNCE (loss: clip) has none")
+        check(self.max_logit_scale is None or self.max_logit_scale > 1, "contrastive.max_logit_scale", "must be > 1")
+        check(self.text_pooling != "eot" or self.causal_text, "contrastive.text_pooling",
+              "eot pooling reads the end-of-text token of a causal encoder; a bidirectional one uses last or mean")
+
+
+@dataclass
 class KernelConfig:
     """Fused implementations (kernels/); chosen in models/common/layer_specs.py only."""
 
@@ -219,16 +258,18 @@ class KernelConfig:
 
 @dataclass
 class ModelConfig:
-    family: Literal["llava", "blip2", "flamingo", "internvl"] = "llava"
+    family: Literal["llava", "blip2", "flamingo", "internvl", "clip"] = "llava"
     flavor: str = ""
-    # What the model computes: "lm" (next-token loss through the LLM) or "qformer" (BLIP-2 stage 1:
-    # ITC/ITM/ITG on the Q-Former, no LLM).
-    head: Literal["lm", "qformer"] = "lm"
+    # What the model computes: "lm" (next-token loss through the LLM), "qformer" (BLIP-2 stage 1:
+    # ITC/ITM/ITG on the Q-Former, no LLM) or "contrastive" (CLIP / SigLIP: the ViT and a text
+    # encoder, ``language``, trained to match image-text pairs).
+    head: Literal["lm", "qformer", "contrastive"] = "lm"
     vision: VisionConfig = field(default_factory=VisionConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     qformer: Optional[QFormerConfig] = None
     flamingo: Optional[FlamingoConfig] = None
+    contrastive: Optional[ContrastiveConfig] = None
     image_token_id: int = 32000
     # Implementation of the transformer layers: chosen in models/common/layer_specs.py only.
     transformer_impl: Literal["local", "te"] = "local"
@@ -241,12 +282,12 @@ class ModelConfig:
     def __post_init__(self):
         check(self.fp8 is None or self.transformer_impl == "te", "fp8", "FP8 runs through Transformer Engine: "
               "set transformer_impl: te")
-        check(0 <= self.image_token_id < self.language.vocab_size, "image_token_id",
+        check(self.head == "contrastive" or 0 <= self.image_token_id < self.language.vocab_size, "image_token_id",
               f"{self.image_token_id} is outside the vocabulary (size {self.language.vocab_size})")
         check((self.connector.type == "qformer") == (self.qformer is not None), "qformer",
               "a qformer section goes with connector.type: qformer")
-        check(self.head == "lm" or self.qformer is not None, "head", "head: qformer needs a qformer section")
-        check(self.head == "lm" or self.connector.tensor_parallel is None, "connector.tensor_parallel",
+        check(self.head != "qformer" or self.qformer is not None, "head", "head: qformer needs a qformer section")
+        check(self.head != "qformer" or self.connector.tensor_parallel is None, "connector.tensor_parallel",
               "BLIP-2 stage 1 (head: qformer) splits the Q-Former with the model: leave it null")
         check((self.connector.type == "perceiver") == (self.flamingo is not None), "flamingo",
               "a flamingo section goes with connector.type: perceiver")
@@ -256,10 +297,26 @@ class ModelConfig:
                   f"{interval} does not divide language.num_layers {self.language.num_layers}")
             check(self.flamingo.hf_additional_vocab < self.language.vocab_size, "flamingo.hf_additional_vocab",
                   "must be smaller than language.vocab_size")
+        if self.contrastive is not None or self.head == "contrastive" or self.family == "clip":
+            self._check_contrastive()
         if self.connector.type == "pixel_shuffle_mlp":
             side = self.vision.image_size // self.vision.patch_size
             check(side % 2 == 0 and not self.vision.keep_class_token, "connector.type",
                   f"pixel_shuffle_mlp needs an even grid of patch tokens without the class token (grid {side}x{side})")
+
+    def _check_contrastive(self) -> None:
+        c, vision = self.contrastive, self.vision
+        check(self.family == "clip" and self.head == "contrastive" and c is not None, "head",
+              "a contrastive section, head: contrastive and family: clip go together")
+        check(vision.layers_to_build == vision.num_layers, "vision.feature_layer",
+              "a contrastive image tower pools its last layer: use -1")
+        check(self.language.position_embedding == "learned", "language.position_embedding",
+              "the text encoder has learned absolute positions (CLIP, SigLIP)")
+        if c.image_pooling == "class_token":
+            check(vision.class_token and vision.keep_class_token, "vision.keep_class_token",
+                  "class_token pooling reads the class token: set vision.class_token and keep_class_token")
+        check(c.image_projection or c.embed_dim == vision.hidden_size, "contrastive.embed_dim",
+              f"without an image projection the pooled image ({vision.hidden_size}) is the embedding")
 
     def attention_heads(self) -> list[tuple[str, str, int]]:
         """(config key, module, head count) of every attention tensor parallelism splits by heads."""
@@ -275,6 +332,11 @@ class ModelConfig:
             heads.append(("model.flamingo.resampler_padded_heads" if f.resampler_padded_heads
                           else "model.flamingo.resampler_heads", "the Perceiver resampler's attention",
                           f.resampler_built_heads))
+        if self.head == "contrastive":
+            heads.append(("model.language.num_heads", "the text encoder's attention", self.language.num_heads))
+            if self.contrastive.image_pooling == "attention" and self.vision.tensor_parallel != 1:
+                heads.append(("model.vision.padded_heads" if self.vision.padded_heads else "model.vision.num_heads",
+                              "the attention pooling of the image tower", self.vision.built_heads))
         if self.head == "lm":
             heads += [("model.language.num_heads", "the language model's attention", self.language.num_heads),
                       ("model.language.num_kv_heads", "the language model's key/value heads", self.language.num_kv_heads)]

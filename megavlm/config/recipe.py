@@ -15,7 +15,7 @@ import yaml
 from megavlm.config.model import ModelConfig, ParallelConfig
 from megavlm.config.schema import ConfigError, apply_overrides, check, from_dict, to_dict
 
-COMPONENT_NAMES = ("vision", "connector", "fusion", "llm", "lora")
+COMPONENT_NAMES = ("vision", "connector", "fusion", "llm", "lora", "text")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -55,6 +55,9 @@ class StageConfig:
     # or stand-alone pretrained parts, e.g. {vision: /models/clip-vit-large-patch14-336, llm: /models/vicuna-7b-v1.5}
     # (HF directories); components not listed keep their random initialisation (the connector)
     init_components_from_hf: dict[str, str] = field(default_factory=dict)
+    # or components from megavlm checkpoints of another stage or family, e.g. {vision: outputs/clip/debug}:
+    # the ViT a contrastive (CLIP/SigLIP) stage trained; the tensors must match in name and shape
+    init_components_from: dict[str, str] = field(default_factory=dict)
     lora: Optional[LoRAConfig] = None    # LoRA / QLoRA: then "lora" trains and "llm" does not
     # Objective weights of a multi-objective head (BLIP-2 stage 1: itc, itm, itg; default 1 each)
     loss_weights: dict[str, float] = field(default_factory=dict)
@@ -76,8 +79,13 @@ class StageConfig:
         if self.vision_layer_decay is not None:
             check(0 < self.vision_layer_decay <= 1, "stage.vision_layer_decay", "must be in (0, 1]")
             check("vision" in self.trainable, "stage.vision_layer_decay", "the vision encoder does not train in this stage")
-        check(not (self.init_from_hf and (self.init_from or self.init_components_from_hf)), "stage.init_from_hf",
-              "init_from_hf gives the whole model: do not combine it with init_from / init_components_from_hf")
+        check(not (self.init_from_hf and (self.init_from or self.init_components_from_hf or self.init_components_from)),
+              "stage.init_from_hf", "init_from_hf gives the whole model: do not combine it with init_from / "
+                                    "init_components_from_hf / init_components_from")
+        for key, names in (("stage.init_components_from", self.init_components_from),
+                           ("stage.init_components_from_hf", self.init_components_from_hf)):
+            unknown = [n for n in names if n not in COMPONENT_NAMES]
+            check(not unknown, key, f"unknown component(s) {unknown}; known: {', '.join(COMPONENT_NAMES)}")
 
 
 @dataclass
@@ -270,9 +278,16 @@ class EvalConfig:
     # standard benchmarks at the end of the stage: [{name, path, max_samples}], answers generated
     # greedily with the KV cache (eval/benchmark_runner.py); results in <checkpoint.dir>/eval/
     benchmarks: list[BenchmarkConfig] = field(default_factory=list)
+    # a CLIP / SigLIP checkpoint (megavlm, e.g. a contrastive stage's, or an HF directory): the VLM
+    # captions the first max_samples images of eval.captions and clip_similarity is their mean CLIP
+    # similarity (beside a blank image's caption's and the reference captions'); null: not measured
+    clip_model: Optional[str] = None
+    clip_tokenizer: Optional[str] = None   # the CLIP model's tokenizer when it is not beside the checkpoint
+    caption_max_new_tokens: int = 24       # length of the captions generated for clip_similarity
 
     def __post_init__(self):
         check(all(k >= 0 for k in self.few_shot), "eval.few_shot", "shot counts must be >= 0")
+        check(self.caption_max_new_tokens > 0, "eval.caption_max_new_tokens", "must be positive")
 
 
 @dataclass
@@ -310,8 +325,27 @@ class Recipe:
                 check(problem is None, "stage.lora.export_peft", f"cannot be written for PEFT: {problem}")
         if self.parallel.sequence_parallel:
             self._check_sequence_parallel()
+        if self.model.head == "contrastive":
+            self._check_contrastive()
+        check(self.eval.clip_model is None or (self.model.head == "lm" and bool(self.eval.captions)), "eval.clip_model",
+              "clip_similarity scores the captions a VLM (head: lm) generates for eval.captions: set eval.captions")
         check(not self.train.overlap_param_gather or self.optimizer.distributed, "train.overlap_param_gather",
               "overlaps the distributed optimizer's parameter all-gather: set optimizer.distributed: true")
+
+    def _check_contrastive(self) -> None:
+        """A CLIP/SigLIP stage: both towers live on every pipeline rank; text rows are
+        train.seq_length tokens, which the text encoder's positions must cover."""
+        check(self.parallel.pipeline_parallel == 1, "parallel.pipeline_parallel",
+              "a contrastive model (family clip) is tensor- and data-parallel only: use 1")
+        check(not self.parallel.sequence_parallel, "parallel.sequence_parallel",
+              "not implemented for the contrastive text encoder: use false")
+        check(self.stage.lora is None, "stage.lora", "LoRA adapts an LLM; a contrastive model has none")
+        lang, pooling = self.model.language, self.model.contrastive.text_pooling
+        check(self.train.seq_length <= lang.max_seq_len, "train.seq_length",
+              f"{self.train.seq_length} exceeds the text encoder's {lang.max_seq_len} positions (model.language.max_seq_len)")
+        check(pooling != "last" or self.train.seq_length == lang.max_seq_len, "train.seq_length",
+              f"text_pooling: last reads the last position of a row padded to model.language.max_seq_len "
+              f"({lang.max_seq_len}), as the model is used at inference: set train.seq_length to it")
 
     def _check_sequence_parallel(self) -> None:
         tp = self.parallel.tensor_parallel

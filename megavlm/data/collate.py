@@ -112,5 +112,8 @@ def text_micro_batch(examples: list, rows: int, text_length: int, pad_id: int, i
 
 def text_batches(examples: list, micro_batch_size: int, num_micro_batches: int, text_length: int, pad_id: int,
                  image_size: int) -> list[dict]:
+    """Always ``num_micro_batches`` micro-batches; with skipped samples the last ones are shorter
+    or empty (a contrastive step gathers every micro-batch over data-parallel ranks, so each rank
+    runs the same number)."""
     chunks = [examples[i * micro_batch_size:(i + 1) * micro_batch_size] for i in range(num_micro_batches)]
-    return [text_micro_batch(c, micro_batch_size, text_length, pad_id, image_size) for c in chunks if c]
+    return [text_micro_batch(c, micro_batch_size, text_length, pad_id, image_size) for c in chunks]

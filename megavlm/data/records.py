@@ -165,20 +165,21 @@ class ShardSource:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _member(self, shard: int, offset: int, size: int) -> bytes:
+    def member(self, shard: int, offset: int, size: int) -> bytes:
+        """The bytes of one tar member."""
         with open(self.shards[shard], "rb") as f:
             f.seek(offset)
             return f.read(size)
 
     def __getitem__(self, index: int) -> Record:
         shard, key, members = self.samples[index]
-        raw = json.loads(self._member(shard, *members[f"{key}.json"]))
+        raw = json.loads(self.member(shard, *members[f"{key}.json"]))
 
         def resolve(name: str) -> ImageRef:
             member = f"{key}.{name}"
             if member not in members:
                 raise BadSample("missing_image", f"sample {key}: image {name} is not in shard {self.shards[shard].name}")
-            return ImageRef(f"{self.shards[shard].name}:{member}", data=self._member(shard, *members[member]))
+            return ImageRef(f"{self.shards[shard].name}:{member}", data=self.member(shard, *members[member]))
 
         return parse_record(raw, self.fmt, resolve, str(raw.get("id", key)), self.difficulty_key)
 

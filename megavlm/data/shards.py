@@ -42,14 +42,14 @@ def _raw_records(path: Path, fmt: str):
             yield f"{path.name}:{n}", BadSample("malformed_record", f"{path.name}:{n}: malformed JSON line ({err.msg})")
 
 
-def _image_names(record: dict, fmt: str) -> list[str]:
+def image_names(record: dict, fmt: str) -> list[str]:
     if fmt == "interleaved":
         return [item["image"] for item in record.get("content", []) if isinstance(item, dict) and "image" in item]
     image = record.get("image")
     return [] if image is None else (image if isinstance(image, list) else [image])
 
 
-def _rewrite(record: dict, fmt: str, names: list[str]) -> dict:
+def with_image_names(record: dict, fmt: str, names: list[str]) -> dict:
     """The record with its image paths replaced by shard member names."""
     out = dict(record)
     if fmt == "interleaved":
@@ -77,7 +77,7 @@ def write_shards(path: str | Path, fmt: str, out_dir: str | Path, root: str | Pa
                 raise raw
             if not isinstance(raw, dict):
                 raise BadSample("malformed_record", f"{where}: a record must be a JSON object")
-            files = [root / name for name in _image_names(raw, fmt)]
+            files = [root / name for name in image_names(raw, fmt)]
             missing = [f for f in files if not f.is_file() or f.stat().st_size == 0]
             if missing:
                 raise BadSample("missing_image", f"{where}: image {missing[0]} is missing or empty")
@@ -92,7 +92,7 @@ def write_shards(path: str | Path, fmt: str, out_dir: str | Path, root: str | Pa
             writer = wds.TarWriter(str(out_dir / report.shards[-1]))
         key = f"{report.samples:09d}"
         names = [f"{i}{f.suffix.lower() or '.jpg'}" for i, f in enumerate(files)]
-        sample = {"__key__": key, "json": json.dumps(_rewrite(raw, fmt, names)).encode()}
+        sample = {"__key__": key, "json": json.dumps(with_image_names(raw, fmt, names)).encode()}
         for name, file in zip(names, files):
             sample[name] = file.read_bytes()
             report.bytes += len(sample[name])

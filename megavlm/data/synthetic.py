@@ -62,3 +62,21 @@ def synthetic_batches(cfg: ModelConfig, num_samples: int, seq_length: int, micro
     if device is not None:
         batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
     return batches
+
+
+def synthetic_pairs(cfg: ModelConfig, num_pairs: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
+    """Image-text pairs for a contrastive model: images, and texts of different lengths, each
+    ending with the end-of-text token (once) and padded with token 0; texts read at their last
+    position (SigLIP) fill the whole row of language.max_seq_len tokens instead."""
+    g = torch.Generator().manual_seed(seed)
+    size, length, vocab = cfg.vision.image_size, cfg.language.max_seq_len, cfg.language.vocab_size
+    eot = cfg.contrastive.eot_token_id if cfg.contrastive.eot_token_id is not None else vocab - 1
+    ids = torch.randint(3, vocab, (num_pairs, length), generator=g)
+    ids[ids == eot] = 3
+    mask = torch.ones_like(ids)
+    if cfg.contrastive.text_pooling != "last":
+        for row in range(num_pairs):
+            n = int(torch.randint(2, length + 1, (1,), generator=g)) if row else length
+            ids[row, n - 1], ids[row, n:], mask[row, n:] = eot, 0, 0
+    images = torch.randn(num_pairs, 3, size, size, generator=g).to(dtype)
+    return {"images": images, "text_ids": ids, "text_mask": mask}

@@ -16,7 +16,8 @@ END_OF_CHUNK = "<|endofchunk|>"   # Flamingo: closes the text that belongs to an
 
 
 class SentencePieceTokenizer:
-    def __init__(self, path: str | Path, added_tokens: list[str] | tuple[str, ...] = ()):
+    def __init__(self, path: str | Path, added_tokens: list[str] | tuple[str, ...] = (),
+                 require_image_token: bool = True):
         import sentencepiece as spm
 
         path = Path(path)
@@ -33,7 +34,7 @@ class SentencePieceTokenizer:
         self._added_by_id = {i: t for t, i in self.added.items()}
         self._split = re.compile("(" + "|".join(map(re.escape, added_tokens)) + ")") if added_tokens else None
         image = self.token_id(IMAGE_TOKEN)
-        if image is None:
+        if image is None and require_image_token:
             raise ValueError(f"tokenizer {path} has no '{IMAGE_TOKEN}' piece: list it in data.added_tokens (appended "
                              f"after the {base} pieces), or train the model with user_defined_symbols=['{IMAGE_TOKEN}']")
         self.image_token_id = image
@@ -110,7 +111,8 @@ class HFTokenizer:
     """A tokenizer.json (HF ``tokenizers``), with bos/eos/pad from the tokenizer_config.json beside
     it when there is one. ``added_tokens`` missing from the file are added after its vocabulary."""
 
-    def __init__(self, path: str | Path, added_tokens: list[str] | tuple[str, ...] = ()):
+    def __init__(self, path: str | Path, added_tokens: list[str] | tuple[str, ...] = (),
+                 require_image_token: bool = True):
         import json
 
         from tokenizers import Tokenizer
@@ -132,7 +134,7 @@ class HFTokenizer:
             raise ValueError(f"{path}: no eos_token in {config_file.name} and no <|endoftext|> token")
         self._pad = self._special(config, "pad_token")
         image = self.token_id(IMAGE_TOKEN)
-        if image is None:
+        if image is None and require_image_token:
             raise ValueError(f"tokenizer {path} has no '{IMAGE_TOKEN}' token: list it in data.added_tokens")
         self.image_token_id = image
 
@@ -192,9 +194,12 @@ class HFTokenizer:
         return self.tk.token_to_id(piece)
 
 
-def load_tokenizer(path: str | Path, added_tokens: list[str] | tuple[str, ...] = ()):
-    """A sentencepiece model file, or a tokenizer.json (or a directory holding one)."""
+def load_tokenizer(path: str | Path, added_tokens: list[str] | tuple[str, ...] = (),
+                   require_image_token: bool = True):
+    """A sentencepiece model file, or a tokenizer.json (or a directory holding one).
+    ``require_image_token``: a VLM's tokenizer must have ``<image>`` (a contrastive model's need
+    not; its ``image_token_id`` is then None)."""
     path = Path(path)
     if path.suffix == ".json" or (path.is_dir() and (path / "tokenizer.json").is_file()):
-        return HFTokenizer(path, added_tokens)
-    return SentencePieceTokenizer(path, added_tokens)
+        return HFTokenizer(path, added_tokens, require_image_token)
+    return SentencePieceTokenizer(path, added_tokens, require_image_token)

@@ -188,9 +188,13 @@ def run_benchmarks(ctx, loaded: list[LoadedBenchmark], template: str, dp_rank: i
 
 
 def _retrieval(ctx, lb: LoadedBenchmark) -> dict:
-    from megavlm.eval.retrieval import retrieval_metrics_for_samples
+    """Image-text retrieval by a contrastive model's embeddings, or by BLIP-2's ITC and ITM."""
+    if ctx.model_cfg.head == "contrastive":
+        from megavlm.eval.contrastive import contrastive_metrics_for_samples as metrics_for_samples
+    else:
+        from megavlm.eval.retrieval import retrieval_metrics_for_samples as metrics_for_samples
 
-    metrics, skipped = retrieval_metrics_for_samples(ctx, lb.samples)
+    metrics, skipped = metrics_for_samples(ctx, lb.samples)
     return {"metrics": metrics, "samples": len(lb.samples) - sum(skipped.values()), "skipped": skipped, "answers": []}
 
 

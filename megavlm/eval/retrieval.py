@@ -25,7 +25,7 @@ def _unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
 
-def _batches(ctx, source, limit: int, skipped: list | None = None) -> tuple[list[dict], list[str], list[str]]:
+def eval_text_batches(ctx, source, limit: int, skipped: list | None = None) -> tuple[list[dict], list[str], list[str]]:
     """Micro-batches of the first ``limit`` records, their captions and sample ids."""
     cfg = ctx.model_cfg
     builder = TextExampleBuilder(ctx.tokenizer, ctx.seq_length)
@@ -68,7 +68,15 @@ def _itm_scores(model, image_embeds, ids, masks, pairs: torch.Tensor, chunk: int
     return torch.cat(scores)
 
 
-def _recall(scores: torch.Tensor, correct: torch.Tensor, k: int) -> float:
+def same_group(groups: list, device=None) -> torch.Tensor:
+    """[n, n] bool: items i and j share a group (the caption, or a benchmark's image)."""
+    keys = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+    label = torch.tensor([keys[g] for g in groups], device=device)
+    return label[:, None] == label[None, :]
+
+
+def recall_at(scores: torch.Tensor, correct: torch.Tensor, k: int) -> float:
+    """Share of rows (queries) with a correct item among their ``k`` best-scored."""
     top = scores.topk(min(k, scores.shape[1]), dim=1).indices
     return correct.gather(1, top).any(1).float().mean().item()
 
@@ -90,31 +98,28 @@ def retrieval_metrics(ctx, source, limit: int, top_k: int = 8, group_of: dict | 
     image, so any of its captions is a hit); default: the caption text."""
     model = _unwrap(ctx.model_chunks[0])
     set_train_mode(model, False)
-    batches, captions, sample_ids = _batches(ctx, source, limit, skipped)
+    batches, captions, sample_ids = eval_text_batches(ctx, source, limit, skipped)
     if not captions:
         return {"retrieval_samples": 0.0}
     image_feats, image_embeds, text_feats, ids, masks = _embed(model, batches)
     sims = torch.einsum("iqe,te->itq", image_feats, text_feats).amax(-1).float()        # [images, texts]
-    groups = [group_of[i] for i in sample_ids] if group_of else captions
-    keys = {c: i for i, c in enumerate(dict.fromkeys(groups))}
-    label = torch.tensor([keys[c] for c in groups], device=sims.device)
-    correct = label[:, None] == label[None, :]                                           # same caption
+    correct = same_group([group_of[i] for i in sample_ids] if group_of else captions, sims.device)
     i2t_itm = _rerank(model, sims, image_embeds, ids, masks, top_k, rows_are_images=True)
     t2i_itm = _rerank(model, sims.t().contiguous(), image_embeds, ids, masks, top_k, rows_are_images=False)
     metrics = {"retrieval_samples": float(len(captions)),
                "retrieval_chance_r1": correct.float().mean().item()}
     for k in (1, 5, 10):
-        metrics[f"i2t_r{k}_itc"] = _recall(sims, correct, k)
-        metrics[f"t2i_r{k}_itc"] = _recall(sims.t(), correct, k)
-        metrics[f"i2t_r{k}_itm"] = _recall(i2t_itm, correct, k)
-        metrics[f"t2i_r{k}_itm"] = _recall(t2i_itm, correct, k)
+        metrics[f"i2t_r{k}_itc"] = recall_at(sims, correct, k)
+        metrics[f"t2i_r{k}_itc"] = recall_at(sims.t(), correct, k)
+        metrics[f"i2t_r{k}_itm"] = recall_at(i2t_itm, correct, k)
+        metrics[f"t2i_r{k}_itm"] = recall_at(t2i_itm, correct, k)
     return metrics
 
 
 def qformer_validation_loss(ctx, source, loss_fn, limit: int) -> dict[str, float]:
     for chunk in ctx.model_chunks:
         set_train_mode(chunk, False)
-    batches, _, _ = _batches(ctx, source, limit)
+    batches, _, _ = eval_text_batches(ctx, source, limit)
     batches = [b for b in batches if b["text_ids"].shape[0] == ctx.micro_batch_size]
     if not batches:   # nothing to evaluate: say so instead of running an empty schedule
         return {"val/loss": float("nan")}

@@ -86,7 +86,8 @@ def _vqa_items(ctx: EvalContext, source, template: str, limit: int) -> list[dict
         pixels = backend.decode([(d, aug, record.sample_id, src) for d, aug, src in data])
         if len(prompt) + 8 > ctx.seq_length or any(isinstance(p, BadSample) for p in pixels):
             continue
-        items.append({"prompt": prompt, "answer": answer, "images": [t.reshape(-1, *t.shape[-3:]) for t in pixels]})
+        items.append({"prompt": prompt, "answer": answer, "images": [t.reshape(-1, *t.shape[-3:]) for t in pixels],
+                      "data": [d for d, _, _ in data], "sample_id": record.sample_id})
     return items
 
 
@@ -94,11 +95,13 @@ def _normalize_answer(text: str) -> str:
     return " ".join(text.lower().strip().rstrip(".").split())
 
 
-def vqa_exact_match(ctx: EvalContext, source, template: str, limit: int, max_new_tokens: int, blank: bool) -> dict:
+def _answers(ctx: EvalContext, items: list[dict], max_new_tokens: int, blank: bool) -> list[str]:
+    """Greedy answers to each item's prompt (with its images, or blank ones)."""
     cfg = ctx.model_cfg
-    items = _vqa_items(ctx, source, template, limit)
     size, mbs = cfg.vision.image_size, ctx.micro_batch_size
-    correct = 0
+    # never <image>, nor the vocabulary rows past the tokenizer's pieces (nothing decodes them)
+    banned = [cfg.image_token_id, *range(ctx.tokenizer.vocab_size, cfg.language.vocab_size)]
+    answers = []
     for start in range(0, len(items), mbs):
         chunk = items[start: start + mbs]
         images = [img for item in chunk for img in item["images"]]
@@ -107,10 +110,33 @@ def vqa_exact_match(ctx: EvalContext, source, template: str, limit: int, max_new
             pixel = blank_image(size).expand(pixel.shape[0], -1, -1, -1).contiguous()
         per_sample = [sum(t.shape[0] for t in i["images"]) for i in chunk]
         outputs = generate(ctx.model_chunks, [i["prompt"] for i in chunk], pixel, per_sample, ctx.head, ctx.tokenizer,
-                           SamplingConfig(max_new_tokens=max_new_tokens), banned=[cfg.image_token_id])
-        for item, out in zip(chunk, outputs):
-            correct += _normalize_answer(out.text) == _normalize_answer(item["answer"])
+                           SamplingConfig(max_new_tokens=max_new_tokens), banned=banned)
+        answers += [out.text for out in outputs]
+    return answers
+
+
+def vqa_exact_match(ctx: EvalContext, source, template: str, limit: int, max_new_tokens: int, blank: bool) -> dict:
+    items = _vqa_items(ctx, source, template, limit)
+    answers = _answers(ctx, items, max_new_tokens, blank)
+    correct = sum(_normalize_answer(a) == _normalize_answer(item["answer"]) for a, item in zip(answers, items))
     return {"exact_match": correct / len(items) if items else float("nan"), "samples": len(items)}
+
+
+def clip_similarity(ctx: EvalContext, source, limit: int, max_new_tokens: int, scorer, blank_baseline: bool) -> dict:
+    """The mean CLIP similarity of each image with the caption the model generates for it
+    (``clip_similarity``), with the caption it generates for a blank image (``_blank``: the floor
+    of a model that ignores the image) and with the reference caption (``_reference``)."""
+    items = [i for i in _vqa_items(ctx, source, "plain", limit) if len(i["data"]) == 1]
+    if not items:
+        return {}
+    pixels = scorer.decode_images([i["data"][0] for i in items], [i["sample_id"] for i in items])
+    keep = [k for k, p in enumerate(pixels) if torch.is_tensor(p)]
+    items, pixels = [items[k] for k in keep], torch.stack([pixels[k] for k in keep])
+    metrics = {"clip_similarity_reference": scorer.similarity(pixels, [i["answer"] for i in items]).mean().item()}
+    for suffix, blank in [("", False)] + ([("_blank", True)] if blank_baseline else []):
+        metrics[f"clip_similarity{suffix}"] = scorer.similarity(pixels, _answers(ctx, items, max_new_tokens,
+                                                                                 blank)).mean().item()
+    return metrics
 
 
 def _few_shot_examples(ctx: EvalContext, source, shots: int, limit: int) -> list[Example]:
@@ -154,8 +180,9 @@ def few_shot_captioning(ctx: EvalContext, source, shots: int, limit: int, blank:
                 samples=len(examples))
 
 
-def evaluate_vlm(ctx: EvalContext, eval_cfg, template: str) -> dict[str, float]:
-    """The metrics the recipe asks for, with and without the image."""
+def evaluate_vlm(ctx: EvalContext, eval_cfg, template: str, clip_scorer=None) -> dict[str, float]:
+    """The metrics the recipe asks for, with and without the image; ``clip_scorer``
+    (eval/clip_score.py, from eval.clip_model): the CLIP similarity of generated captions."""
     for chunk in ctx.model_chunks:
         set_train_mode(chunk, False)
     metrics: dict[str, float] = {}
@@ -176,6 +203,10 @@ def evaluate_vlm(ctx: EvalContext, eval_cfg, template: str) -> dict[str, float]:
             for suffix, blank in variants:
                 result = few_shot_captioning(ctx, captions, shots, eval_cfg.max_samples, blank)
                 metrics[f"caption_{shots}shot_token_accuracy{suffix}"] = result["accuracy"]
+    if clip_scorer is not None and eval_cfg.captions:
+        captions = open_eval_source(eval_cfg.captions, "captions", None, "eval.captions")
+        metrics.update(clip_similarity(ctx, captions, eval_cfg.max_samples, eval_cfg.caption_max_new_tokens,
+                                       clip_scorer, eval_cfg.blank_image_baseline))
     return metrics
 
 

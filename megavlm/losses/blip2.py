@@ -14,53 +14,12 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from megavlm.losses.gather import gather_no_grad, gather_with_grad, world as _world
 from megavlm.losses.lm_loss import IGNORE_INDEX, vocab_parallel_cross_entropy
 
 LABEL_SMOOTHING = 0.1
-
-
-def _world(group) -> tuple[int, int]:
-    if group is None or not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0 whose backward gives each rank the sum, over all ranks' losses, of
-    the gradient of its own slice."""
-
-    @staticmethod
-    def forward(ctx, tensor, group):
-        rank, size = _world(group)
-        ctx.group, ctx.rank, ctx.rows = group, rank, tensor.shape[0]
-        parts = [torch.empty_like(tensor) for _ in range(size)]
-        dist.all_gather(parts, tensor.contiguous(), group=group)
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows], None
-
-
-def gather_with_grad(tensor: torch.Tensor, group) -> torch.Tensor:
-    """Concatenate over ranks along dim 0, differentiably."""
-    _, size = _world(group)
-    return tensor if size == 1 else _GatherWithGrad.apply(tensor, group)
-
-
-@torch.no_grad()
-def gather_no_grad(tensor: torch.Tensor, group) -> torch.Tensor:
-    _, size = _world(group)
-    if size == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(size)]
-    dist.all_gather(parts, tensor.contiguous(), group=group)
-    return torch.cat(parts)
 
 
 def query_mask(num_queries: int, text_mask: torch.Tensor | None) -> torch.Tensor | None:

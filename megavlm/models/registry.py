@@ -20,6 +20,7 @@ class Family:
     complete_for_hf: Callable  # (model_cfg, hf_state, reference) -> (hf_config, hf_state) loadable by HF
     # (model_cfg, megavlm batch) -> the image arguments of the HF class's forward
     hf_inputs: Callable = lambda model_cfg, batch: {"pixel_values": batch["images"]}
+    other_hf_model_types: tuple[str, ...] = ()   # more HF layouts the family converts (SigLIP's for clip)
 
 
 def _llava() -> Family:
@@ -62,7 +63,17 @@ def _internvl() -> Family:
                   adapter.config_to_hf, adapter.ARCHITECTURE, "internvl", adapter.complete_for_hf)
 
 
-_FAMILIES = {"llava": _llava, "blip2": _blip2, "flamingo": _flamingo, "internvl": _internvl}
+def _clip() -> Family:
+    from megavlm.models import clip
+    from megavlm.models.clip import state_dict_adapter as adapter
+    from megavlm.models.clip.model import ContrastiveModel
+
+    return Family("clip", clip.FLAVORS, ContrastiveModel, adapter.ContrastiveStateDictAdapter, adapter.config_from_hf,
+                  adapter.config_to_hf, adapter.CLIP, "clip", adapter.complete_for_hf,
+                  other_hf_model_types=("siglip",))
+
+
+_FAMILIES = {"llava": _llava, "blip2": _blip2, "flamingo": _flamingo, "internvl": _internvl, "clip": _clip}
 
 
 def get_family(name: str) -> Family:
@@ -77,7 +88,7 @@ def family_for_hf(hf_config: dict) -> Family:
     model_type = hf_config.get("model_type")
     for name in _FAMILIES:
         family = get_family(name)
-        if family.hf_model_type == model_type:
+        if model_type in (family.hf_model_type, *family.other_hf_model_types):
             return family
     raise ValueError(f"no megavlm family converts HF model_type {model_type!r}")
 

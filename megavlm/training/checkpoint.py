@@ -123,11 +123,14 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
-def load_model(model: torch.nn.Module, path: str | Path, partial: bool = False) -> None:
+def load_model(model: torch.nn.Module, path: str | Path, partial: bool = False, whole_on_every_rank: bool = False
+               ) -> None:
     """Collective: fills ``model`` (any TP/PP layout) from the checkpoint at ``path``; the
     optimizer state a training checkpoint also holds is not read. ``partial``: tensors the
     checkpoint lacks keep their values (e.g. BLIP-2 stage 2 starts its Q-Former from stage 1 and
-    its LLM from HF); which components were left out is logged."""
+    its LLM from HF); which components were left out is logged. ``whole_on_every_rank``: every
+    rank reads all of ``model`` (a CLIP scorer beside a model of another layout), so the check
+    that each shard is read by exactly one rank does not apply."""
     from megatron.core import dist_checkpointing
 
     model_dir = os.fspath(_require_dist_checkpoint(resolve_checkpoint(path)))
@@ -140,11 +143,63 @@ def load_model(model: torch.nn.Module, path: str | Path, partial: bool = False) 
             log.warning("%s holds no tensors for part of the model (components: %s): they keep their initialisation",
                         path, ", ".join(left))
         template = kept
-    state = dist_checkpointing.load({"model": template}, model_dir)
+    state = dist_checkpointing.load({"model": template}, model_dir, validate_access_integrity=not whole_on_every_rank)
     if partial:
         model.load_state_dict(state["model"], strict=False)
     else:
         load_local_state(model, state["model"])
+
+
+def load_components(model: torch.nn.Module, path: str | Path, component: str, key: str) -> None:
+    """Collective: the parameters tagged ``component`` from the megavlm checkpoint at ``path``,
+    which may be another stage's or another family's (e.g. the ViT a CLIP stage trained, into a
+    LLaVA's vision tower). Every tensor must be there with the model's shape, except that a
+    checkpoint with more transformer layers than the model builds (LLaVA never runs the CLIP ViT's
+    last layer) gives its first ones. ``key`` names the recipe key in errors."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from megavlm.config.schema import ConfigError
+
+    try:
+        model_dir = os.fspath(_require_dist_checkpoint(resolve_checkpoint(path)))
+    except (FileNotFoundError, CheckpointError) as err:
+        raise ConfigError(f"bad value for '{key}': {err}") from None
+    names = {n for n, p in model.named_parameters() if getattr(p, "megavlm_component", None) == component}
+    if not names:
+        raise ConfigError(f"bad value for '{key}': the model has no '{component}' component")
+    stored = dist_checkpointing.load_tensors_metadata(model_dir)
+    template, fewer_layers = {}, {}
+    for name, item in model.sharded_state_dict().items():
+        if name not in names:
+            continue
+        found = stored.get(item.key)
+        if found is None:
+            raise ConfigError(f"bad value for '{key}': {path} has no tensor {item.key!r} (for {name}); "
+                              f"it must hold a model with the same {component} tower")
+        if not isinstance(item, ShardedTensor):   # a factory (SwiGLU's [gate; up] under TP): built and checked on load
+            template[name] = item
+            continue
+        want, have = tuple(item.global_shape), tuple(found.global_shape)
+        if have == want:
+            template[name] = item
+        elif item.prepend_axis_num == 1 and have[1:] == want[1:] and have[0] > want[0]:
+            fewer_layers[name] = item
+        else:
+            raise ConfigError(f"bad value for '{key}': {item.key} has shape {have} in {path} but {want} in the "
+                              f"model: check the recipe's model section against the checkpoint's model.yaml")
+    # layer-stacked tensors with layers past the model's are read whole and this rank's part cut out
+    whole = {item.key: ShardedTensor.from_rank_offsets(item.key, torch.empty(tuple(stored[item.key].global_shape),
+                                                                             dtype=item.dtype))
+             for item in fewer_layers.values()}
+    state = dist_checkpointing.load({"model": template, "whole": whole}, model_dir,
+                                    validate_access_integrity=not fewer_layers)
+    values = dict(state["model"])
+    for name, item in fewer_layers.items():
+        extent = (1,) * item.prepend_axis_num + tuple(item.local_shape)
+        part = state["whole"][item.key][tuple(slice(o, o + n) for o, n in zip(item.global_offset, extent))]
+        values[name] = part.reshape(item.local_shape)
+    model.load_state_dict(values, strict=False)
 
 
 # ---- RNG ---------------------------------------------------------------------------------------

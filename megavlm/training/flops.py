@@ -22,6 +22,8 @@ trainable before it runs forward only (megavlm runs it without autograd).
   cross-attn  per block (before every interval-th layer) and text token: 2h·2h (q, out) +
               2h·f·(3 if gated else 2) (its MLP) + 4·m·h attention over the sample's m media
               tokens; 2·w·2h per media token (keys/values)
+  contrastive (CLIP/SigLIP): the ViT, the text encoder as the LLM without its output layer
+              (bidirectional attention costs twice the causal), the projections 2·E·(h_v + h) per pair
   recompute   (full activation recomputation) one more forward of every transformer layer whose
               weights train: hardware work, not model FLOPs, so MFU does not count it
 """
@@ -150,6 +152,8 @@ def sample_flops(cfg: ModelConfig, seq_length: int, images: float, trainable: se
     stage 1: ``seq_length`` text tokens for the Q-Former, no LLM)."""
     vis_train, conn_train, fusion_train = "vision" in trainable, "connector" in trainable, "fusion" in trainable
     vision = _vit_flops(cfg, images, vis_train)
+    if cfg.head == "contrastive":
+        return _contrastive(cfg, seq_length, images, trainable, vision)
     connector = _connector_flops(cfg, images, seq_length, conn_train, vis_train)
     if cfg.head == "qformer":
         return FlopsBreakdown(vision, connector, 0.0)
@@ -160,6 +164,18 @@ def sample_flops(cfg: ModelConfig, seq_length: int, images: float, trainable: se
     grads_in = image_side_trains or fusion_train or "lora" in trainable
     layers, head = _llm_flops(cfg, seq_length, "llm" in trainable, grads_in)
     return FlopsBreakdown(vision, connector, layers, fusion, head)
+
+
+def _contrastive(cfg: ModelConfig, seq_length: int, images: float, trainable: set[str], vision: float) -> FlopsBreakdown:
+    """A CLIP/SigLIP pair: the ViT, the text encoder and the projections (reported as the connector)."""
+    text_train, embed = "text" in trainable, cfg.contrastive.embed_dim
+    causal_layers, _ = _llm_flops(cfg, seq_length, text_train, False)
+    if not cfg.contrastive.causal_text:   # full attention: the score/value products of the causal count, twice
+        lang = cfg.language
+        attention = lang.num_layers * 2 * seq_length * lang.num_heads * lang.head_dim
+        causal_layers += seq_length * attention * _attention_multiplier(text_train, False)
+    projections = 2 * embed * (images * cfg.vision.hidden_size + cfg.language.hidden_size)
+    return FlopsBreakdown(vision, projections * _multiplier("connector" in trainable, True), causal_layers)
 
 
 def recompute_flops(cfg: ModelConfig, seq_length: int, images: float, trainable: set[str]) -> FlopsBreakdown:

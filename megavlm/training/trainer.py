@@ -27,7 +27,7 @@ from megavlm.models.common.hf_io import read_hf_dir
 from megavlm.models.registry import get_family
 from megavlm.parallel import init as pinit
 from megavlm.training.build import build_model, ddp_config, load_local_state, params_in_sync, wrap_ddp
-from megavlm.training.checkpoint import CheckpointManager, load_model
+from megavlm.training.checkpoint import CheckpointManager, load_components, load_model
 from megavlm.training.accounting import StepCounts, count_step
 from megavlm.training.flops import peak_flops
 from megavlm.training.logging import MetricsLogger, format_metrics  # noqa: F401 (format_metrics: re-exported)
@@ -78,8 +78,9 @@ class Trainer:
             dist.barrier()
         if not data.tokenizer:
             raise ConfigError("missing key 'data.tokenizer' in the recipe")
-        tok = load_tokenizer(data.tokenizer, data.added_tokens)
-        if tok.image_token_id != model.image_token_id:
+        contrastive = model.head == "contrastive"   # a text encoder: no <image> token
+        tok = load_tokenizer(data.tokenizer, data.added_tokens, require_image_token=not contrastive)
+        if not contrastive and tok.image_token_id != model.image_token_id:
             raise ConfigError(f"bad value for 'model.image_token_id': {model.image_token_id}, but the tokenizer "
                               f"{data.tokenizer} maps <image> to {tok.image_token_id}")
         if tok.vocab_size > model.language.vocab_size:
@@ -92,6 +93,8 @@ class Trainer:
         model = build_model(r.model, r.parallel, self.ctx, self.pgs, dtype=self.dtype, recompute=r.train.recompute)
         if r.stage.init_from:
             load_model(model, r.stage.init_from, partial=True)
+        for component, path in r.stage.init_components_from.items():
+            load_components(model, path, component, f"stage.init_components_from.{component}")
         if r.stage.init_from_hf or r.stage.init_components_from_hf:
             self._load_hf(model)
         self.trainable = apply_stage(model, r.stage)
@@ -123,12 +126,12 @@ class Trainer:
             loaded = load_benchmarks(self.recipe.eval.benchmarks)
         except BenchmarkError as err:
             raise ConfigError(f"eval.benchmarks: {err}") from None
-        wanted = "retrieval" if self.recipe.model.head == "qformer" else "generate"
+        wanted = "generate" if self.recipe.model.head == "lm" else "retrieval"
         for lb in loaded:
             if lb.benchmark.kind != wanted:
-                raise ConfigError(f"eval.benchmarks: {lb.benchmark.name} needs a model that "
-                                  f"{'generates answers' if lb.benchmark.kind == 'generate' else 'scores image-text pairs (ITC)'}"
-                                  f"; this stage's head is {self.recipe.model.head!r}")
+                needs = "generates answers" if lb.benchmark.kind == "generate" else "scores image-text pairs (ITC, CLIP)"
+                raise ConfigError(f"eval.benchmarks: {lb.benchmark.name} needs a model that {needs}; this stage's "
+                                  f"head is {self.recipe.model.head!r}")
         return loaded
 
     def _run_benchmarks(self, logger: MetricsLogger) -> dict[str, float]:
@@ -220,7 +223,10 @@ class Trainer:
         agree_on_error(error, parallel_state.get_data_parallel_group(with_context_parallel=True))
         tokens = [supervised_tokens(b) for b in batches]
         total = self._account_skips(skipped, sum(tokens))
-        kept = [b for b, n in zip(batches, tokens) if n] or batches[:1]
+        if getattr(self.task, "runs_every_micro_batch", False):   # each one is a collective over DP ranks
+            kept = batches
+        else:
+            kept = [b for b, n in zip(batches, tokens) if n] or batches[:1]
         return [to_device(b, self.ctx.device) for b in kept], total
 
     def _step_scalars(self, result, seconds: float, counts: StepCounts) -> dict[str, float]:

@@ -31,9 +31,15 @@ def clip_vision_to_megavlm(hf: dict, src: str, out: dict, dst: str, vision: Visi
     if vision.pre_norm:
         for p in ("weight", "bias"):
             out[dst + f"ln_pre.{p}"] = _take(hf, src + f"pre_layrnorm.{p}")
-    heads, padded = vision.num_heads, vision.built_heads
-    for i in range(vision.layers_to_build):
-        h, m = f"{src}encoder.layers.{i}.", f"{dst}encoder.layers.{i}."
+    clip_layers_to_megavlm(hf, src + "encoder.layers.", out, dst + "encoder.layers.", vision.layers_to_build,
+                           vision.num_heads, vision.built_heads)
+
+
+def clip_layers_to_megavlm(hf: dict, src: str, out: dict, dst: str, layers: int, heads: int, padded: int) -> None:
+    """CLIP-named encoder layers (CLIP's and SigLIP's ViT and text encoders) -> megatron-core
+    layers; src like 'text_model.encoder.layers.', dst like 'text.encoder.layers.'."""
+    for i in range(layers):
+        h, m = f"{src}{i}.", f"{dst}{i}."
         for p in ("weight", "bias"):
             out[m + f"input_layernorm.{p}"] = _take(hf, h + f"layer_norm1.{p}")
             out[m + f"self_attention.linear_qkv.{p}"] = fuse_padded_qkv(
@@ -43,6 +49,23 @@ def clip_vision_to_megavlm(hf: dict, src: str, out: dict, dst: str, vision: Visi
             out[m + f"mlp.linear_fc1.{p}"] = _take(hf, h + f"mlp.fc1.{p}")
             out[m + f"mlp.linear_fc2.{p}"] = _take(hf, h + f"mlp.fc2.{p}")
         pad_projection(out, m + "self_attention.linear_proj.weight", heads, padded)
+
+
+def stand_alone_clip_tower(hf: dict, out: dict, dst: str, vision: VisionConfig) -> bool:
+    """The vision tower of an HF CLIP or SigLIP checkpoint (``CLIPModel``, ``CLIPVisionModel``,
+    ``SiglipModel``, ``SiglipVisionModel``: tensors under ``vision_model.``) into ``out``; False
+    when ``hf`` is not one. Its post-layernorm becomes the ViT's final norm when the config has one."""
+    prefix = "vision_model."
+    if prefix + "embeddings.patch_embedding.weight" not in hf:
+        return False
+    if vision.qk_norm or vision.layer_scale is not None or not vision.qkv_bias:
+        raise ValueError("a CLIP/SigLIP vision tower has no QK-norm or LayerScale and has q/k/v biases: set "
+                         "model.vision.qk_norm: false, layer_scale: null, qkv_bias: true")
+    clip_vision_to_megavlm(hf, prefix, out, dst, vision)
+    if vision.post_norm:
+        for p in ("weight", "bias"):
+            out[dst + f"encoder.final_layernorm.{p}"] = _take(hf, prefix + f"post_layernorm.{p}")
+    return True
 
 
 def pad_projection(state: dict, key: str, heads: int, padded: int) -> None:
@@ -65,9 +88,14 @@ def clip_vision_to_hf(full: dict, src: str, hf: dict, dst: str, vision: VisionCo
     if vision.pre_norm:
         for p in ("weight", "bias"):
             hf[dst + f"pre_layrnorm.{p}"] = full[src + f"ln_pre.{p}"]
-    heads, padded = vision.num_heads, vision.built_heads
-    for i in range(vision.layers_to_build):
-        m, h = f"{src}encoder.layers.{i}.", f"{dst}encoder.layers.{i}."
+    clip_layers_to_hf(full, src + "encoder.layers.", hf, dst + "encoder.layers.", vision.layers_to_build,
+                      vision.num_heads, vision.built_heads)
+
+
+def clip_layers_to_hf(full: dict, src: str, hf: dict, dst: str, layers: int, heads: int, padded: int) -> None:
+    """Inverse of clip_layers_to_megavlm (dummy heads stripped)."""
+    for i in range(layers):
+        m, h = f"{src}{i}.", f"{dst}{i}."
         for p in ("weight", "bias"):
             hf[h + f"layer_norm1.{p}"] = full[m + f"input_layernorm.{p}"]
             q, k, v = split_padded_qkv(full[m + f"self_attention.linear_qkv.{p}"], heads, padded)
@@ -177,24 +205,44 @@ def llama_config_to_hf(lang: LanguageConfig) -> dict:
     return config
 
 
+# megavlm activation name <-> HF hidden_act
+HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
+ACTIVATIONS_FROM_HF = {theirs: ours for ours, theirs in HF_ACTIVATIONS.items()}
+
+
+def activation_from_hf(section: str, cfg: dict, default: str) -> str:
+    check_supported(section, cfg, {"hidden_act": tuple(ACTIVATIONS_FROM_HF)})
+    return ACTIVATIONS_FROM_HF[cfg.get("hidden_act", default)]
+
+
 def clip_config_from_hf(vis: dict, feature_layer: int, keep_class_token: bool) -> VisionConfig:
-    check_supported("vision_config", vis, {"hidden_act": ("quick_gelu", "gelu"), "num_channels": (3,),
-                                           "attention_dropout": (0, 0.0)})
+    """A CLIP vision config, or a SigLIP one (no class token, no pre-norm, a patch bias)."""
+    siglip = vis.get("model_type") == "siglip_vision_model"
+    check_supported("vision_config", vis, {"num_channels": (3,), "attention_dropout": (0, 0.0)})
     return VisionConfig(
         image_size=vis["image_size"], patch_size=vis["patch_size"], hidden_size=vis["hidden_size"],
         num_layers=vis["num_hidden_layers"], num_heads=vis["num_attention_heads"],
-        ffn_hidden_size=vis["intermediate_size"], activation=vis.get("hidden_act", "quick_gelu"),
-        norm_eps=vis.get("layer_norm_eps", 1e-5), feature_layer=feature_layer, keep_class_token=keep_class_token,
+        ffn_hidden_size=vis["intermediate_size"],
+        activation=activation_from_hf("vision_config", vis, "gelu_pytorch_tanh" if siglip else "quick_gelu"),
+        norm_eps=vis.get("layer_norm_eps", 1e-6 if siglip else 1e-5), feature_layer=feature_layer,
+        keep_class_token=keep_class_token and not siglip, class_token=not siglip, pre_norm=not siglip,
+        patch_bias=siglip,
     )
 
 
 def clip_config_to_hf(vision: VisionConfig) -> dict:
-    return {
-        "model_type": "clip_vision_model", "image_size": vision.image_size, "patch_size": vision.patch_size,
-        "hidden_size": vision.hidden_size, "num_hidden_layers": vision.num_layers,
-        "num_attention_heads": vision.num_heads, "intermediate_size": vision.ffn_hidden_size,
-        "hidden_act": vision.activation, "layer_norm_eps": vision.norm_eps,
-    }
+    """HF's CLIPVisionConfig, or SiglipVisionConfig for a tower without class token and pre-norm."""
+    common = {"image_size": vision.image_size, "patch_size": vision.patch_size, "hidden_size": vision.hidden_size,
+              "num_hidden_layers": vision.num_layers, "num_attention_heads": vision.num_heads,
+              "intermediate_size": vision.ffn_hidden_size, "hidden_act": HF_ACTIVATIONS[vision.activation],
+              "layer_norm_eps": vision.norm_eps}
+    layout = (vision.class_token, vision.pre_norm, vision.patch_bias)
+    if layout == (True, True, False):
+        return {"model_type": "clip_vision_model", **common}
+    if layout == (False, False, True):
+        return {"model_type": "siglip_vision_model", "vision_use_head": False, **common}
+    raise ValueError(f"HF has no CLIP or SigLIP vision tower with class_token={vision.class_token}, "
+                     f"pre_norm={vision.pre_norm}, patch_bias={vision.patch_bias}")
 
 
 # ---- BLIP-2 vision tower (EVA-style ViT: fused qkv, no pre-norm, final norm) -----------------------

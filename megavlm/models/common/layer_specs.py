@@ -95,6 +95,12 @@ def encoder_layer_spec(impl: str) -> ModuleSpec:
     return _local_layer(AttnMaskType.no_mask) if impl == "local" else _te_layer(AttnMaskType.no_mask)
 
 
+def text_encoder_layer_spec(model_cfg) -> ModuleSpec:
+    """A contrastive model's text layer: causal (CLIP) or bidirectional (SigLIP)."""
+    impl = model_cfg.transformer_impl
+    return decoder_layer_spec(impl) if model_cfg.contrastive.causal_text else encoder_layer_spec(impl)
+
+
 def vision_layer_spec(model_cfg) -> ModuleSpec:
     """The ViT's layer: CLIP's, or InternViT's with full-width QK-norm and LayerScale
     (models/internvl/vision.py) when the vision config asks for them; a bias-free QKV projection

@@ -1,13 +1,14 @@
 """Component tags: every parameter says which part of the model it belongs to.
 
-Stages name components (``vision``, ``connector``, ``fusion``, ``llm``, ``lora``) to freeze,
+Stages name components (``vision``, ``connector``, ``fusion``, ``llm``, ``lora``, and ``text``: a
+contrastive model's text encoder) to freeze,
 train and give learning rates; nothing else in the code looks at module names for that.
 """
 from __future__ import annotations
 
 import torch
 
-COMPONENTS = ("vision", "connector", "fusion", "llm", "lora")
+COMPONENTS = ("vision", "connector", "fusion", "llm", "lora", "text")
 _ATTR = "megavlm_component"
 
 

@@ -17,8 +17,19 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-_LM_ACTIVATIONS = {"swiglu": (F.silu, True), "gelu": (F.gelu, False), "relu": (F.relu, False)}
-_VIT_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (SigLIP's gelu_pytorch_tanh)."""
+    return F.gelu(x, approximate="tanh")
+
+
+_LM_ACTIVATIONS = {"swiglu": (F.silu, True), "gelu": (F.gelu, False), "relu": (F.relu, False),
+                   "quick_gelu": (quick_gelu, False), "gelu_tanh": (gelu_tanh, False)}
+_VIT_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_tanh": gelu_tanh}
+
+
+def vision_activation(name: str):
+    """The ViT's MLP activation by config name (also SigLIP's attention-pooling MLP)."""
+    return _VIT_ACTIVATIONS[name]
 
 
 def _common(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype, recompute: bool) -> dict:
@@ -53,6 +64,8 @@ def _common(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype, re
 
 def language_transformer_config(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype = torch.float32,
                                 recompute: bool = False, language: LanguageConfig | None = None) -> TransformerConfig:
+    """The LLM's config, or a contrastive model's text encoder's (never pipelined: the text
+    encoder lives whole with the ViT, so give ``parallel`` with pipeline_parallel 1)."""
     lang = language or model.language
     activation, gated = _LM_ACTIVATIONS[lang.activation]
     return TransformerConfig(

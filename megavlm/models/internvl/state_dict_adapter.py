@@ -114,9 +114,11 @@ class InternVLStateDictAdapter(LlavaStateDictAdapter):
         return hf
 
     def components_to_megavlm(self, sources: dict[str, dict], tp_rank: int = 0, pp_rank: int = 0) -> dict:
-        """``vision`` from a stand-alone HF ``InternVLVisionModel``, ``llm`` from a Qwen2/Llama checkpoint."""
+        """``vision`` from a stand-alone HF ``InternVLVisionModel`` or a CLIP/SigLIP checkpoint (with
+        a CLIP-shaped model.vision: no QK-norm, no LayerScale), ``llm`` from a Qwen2/Llama checkpoint."""
         full: dict = {}
-        if "vision" in sources:
+        if "vision" in sources and not hf_blocks.stand_alone_clip_tower(sources["vision"], full, "vision.",
+                                                                         self.model.vision):
             internvit_to_megavlm(sources["vision"], "", full, "vision.", self.model.vision)
         if "llm" in sources:
             hf_blocks.llama_to_megavlm(sources["llm"], "model.", "lm_head.weight", full, "language_model.",

@@ -85,12 +85,14 @@ class LlavaStateDictAdapter(ShardedAdapter):
 
     def components_to_megavlm(self, sources: dict[str, dict], tp_rank: int = 0, pp_rank: int = 0) -> dict:
         """Local state of the components taken from stand-alone HF models: ``vision`` from a CLIP
-        (vision) checkpoint, ``llm`` from a Llama checkpoint. A vocabulary smaller than the
+        or SigLIP checkpoint (the whole model or its vision tower), ``llm`` from a Llama
+        checkpoint. A vocabulary smaller than the
         model's (Vicuna's 32000 vs LLaVA's 32064 with <image>) is padded with the mean embedding."""
         full: dict = {}
-        if "vision" in sources:
-            clip = {k[len("vision_model."):]: v for k, v in sources["vision"].items() if k.startswith("vision_model.")}
-            hf_blocks.clip_vision_to_megavlm(clip, "", full, "vision.", self.model.vision)
+        if "vision" in sources and not hf_blocks.stand_alone_clip_tower(sources["vision"], full, "vision.",
+                                                                         self.model.vision):
+            raise ValueError("stage.init_components_from_hf.vision: LLaVA takes its vision tower from an HF CLIP or "
+                             "SigLIP checkpoint (tensors under vision_model.)")
         if "llm" in sources:
             hf_blocks.llama_to_megavlm(sources["llm"], "model.", "lm_head.weight", full, "language_model.", self.model.language)
             for key in ("language_model.embedding.word_embeddings.weight", "language_model.output_layer.weight"):
