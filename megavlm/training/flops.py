@@ -43,7 +43,7 @@ def sample_flops(cfg: ModelConfig, seq_length: int, images: float, trainable: se
     """Training FLOPs of one sample of ``seq_length`` tokens carrying ``images`` images."""
     v, lang = cfg.vision, cfg.language
     h, f, n, g, d = lang.hidden_size, lang.ffn_hidden_size, lang.num_heads, lang.query_groups, lang.head_dim
-    gated = 3 if lang.activation == "swiglu" else 2
+    gated = 3 if lang.gated else 2
     llm_token = lang.num_layers * (2 * h * (n * d + 2 * g * d) + 2 * n * d * h + 2 * h * f * gated) + 2 * h * lang.vocab_size
     llm_attn = lang.num_layers * 2 * seq_length * n * d
     vision_tokens = v.num_patches + (1 if v.class_token else 0)

@@ -17,8 +17,19 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-_LM_ACTIVATIONS = {"swiglu": (F.silu, True), "gelu": (F.gelu, False), "relu": (F.relu, False)}
-_VIT_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation (Gemma's GeGLU gate, SigLIP's MLP)."""
+    return F.gelu(x, approximate="tanh")
+
+
+def squared_relu(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2 (Persimmon); megatron-core's copy is torch.compile'd, as quick_gelu's above."""
+    return F.relu(x).square()
+
+
+_LM_ACTIVATIONS = {"swiglu": (F.silu, True), "geglu": (gelu_tanh, True), "gelu": (F.gelu, False),
+                   "relu": (F.relu, False), "squared_relu": (squared_relu, False)}
+_VIT_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_tanh": gelu_tanh}
 
 
 def _common(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype, recompute: bool) -> dict:
@@ -64,6 +75,8 @@ def language_transformer_config(model: ModelConfig, parallel: ParallelConfig, dt
         kv_channels=lang.head_dim,
         normalization=lang.normalization,
         layernorm_epsilon=lang.norm_eps,
+        layernorm_zero_centered_gamma=lang.zero_centered_norm,
+        qk_layernorm=lang.qk_norm,
         gated_linear_unit=gated,
         activation_func=activation,
         add_bias_linear=lang.linear_bias,
