@@ -96,7 +96,7 @@ class LanguageConfig:
     qkv_bias: bool = False
     linear_bias: bool = False
     tie_embeddings: bool = False
-    # Channels per attention head; None: hidden_size / num_heads (Gemma-2B: 256 with 8 heads of a 2048 model)
+    # Channels per attention head; None: hidden_size / num_heads (Gemma-7B: 256 with 16 heads of a 3072 model)
     kv_channels: Optional[int] = None
     qk_norm: bool = False                # a LayerNorm over each head's query and key channels (Persimmon)
     scale_embeddings: bool = False       # token embeddings times sqrt(hidden_size) (Gemma); image embeddings not
@@ -367,6 +367,17 @@ class ModelConfig:
         if self.flamingo is not None and self.flamingo.use_resampler and self.flamingo.resampler_heads % tp:
             overrides.append(f"flamingo.resampler_padded_heads={up(self.flamingo.resampler_heads)}")
         return overrides
+
+    @property
+    def vision_layers(self) -> int:
+        """ViT layers the model builds (0 without a vision encoder)."""
+        return self.vision.layers_to_build if self.vision is not None else 0
+
+    @property
+    def placeholder_ids(self) -> list[int]:
+        """Ids that stand for image positions and are never generated: <image>, and the
+        image-newline of raw patch inputs."""
+        return [self.image_token_id] + ([self.patches.newline_token_id] if self.patches is not None else [])
 
     @property
     def media_tokens(self) -> int:

@@ -150,6 +150,9 @@ class DataConfig:
     # tokens appended after the tokenizer's vocabulary, in order (HF "added tokens"), e.g.
     # [<image>] for Vicuna (LLaVA-1.5: id 32000); the embedded tokenizer already has its markers
     added_tokens: list[str] = field(default_factory=list)
+    # the tokenizer's piece for image positions when it is not "<image>" (Fuyu-8B: "|SPEAKER|"); the
+    # data still marks images with <image> tags
+    image_piece: Optional[str] = None
     template: str = "plain"
     end_of_chunk: Optional[str] = None   # interleaved documents: marker after each text chunk
     embedded: Optional[str] = None       # generate the embedded dataset here first (quick start)
@@ -310,6 +313,10 @@ class Recipe:
                 check(problem is None, "stage.lora.export_peft", f"cannot be written for PEFT: {problem}")
         if self.parallel.sequence_parallel:
             self._check_sequence_parallel()
+        check(not (self.model.prefix_lm and self.data.packing and self.model.transformer_impl == "te"), "data.packing",
+              "packed rows keep each sample's prefix-LM block in the local attention only: use transformer_impl: local")
+        check(self.model.patches is None or not self.data.max_tiles, "data.max_tiles",
+              "raw patch inputs (model.patches) keep each image at its own resolution: tiles do not apply")
         check(not self.train.overlap_param_gather or self.optimizer.distributed, "train.overlap_param_gather",
               "overlaps the distributed optimizer's parameter all-gather: set optimizer.distributed: true")
 

@@ -91,7 +91,7 @@ def _patches(image: Image.Image, box, aug: ImageAug, mean, std) -> torch.Tensor:
     image = image.resize(aug.native_size, Image.BILINEAR, box=box)
     if aug.flip:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    pixels = torch.from_numpy(np.ascontiguousarray(jitter(np.asarray(image), aug.brightness, aug.contrast)))
+    pixels = torch.from_numpy(np.array(jitter(np.asarray(image), aug.brightness, aug.contrast)))
     padded = pad_to_grid(pixels.permute(2, 0, 1), aug.patch_size, PAD_VALUE)
     return patchify(normalize(padded.permute(1, 2, 0).numpy(), mean, std), aug.patch_size)
 

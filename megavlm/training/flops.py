@@ -10,6 +10,7 @@ trainable before it runs forward only (megavlm runs it without autograd).
   llm_attn    = 2·s·n·d per layer (causal: half of the 4·s·n·d of full attention)
   vit_token   = 2h·3h + 2h·h + 2h·f·2 per layer, attention 4·t·h per layer, patch embedding 2·3p²·h
   connector   = 2(h_v·h + h·h) per image token (MLP), 2(4h_v·h + h·h) (pixel shuffle MLP), 2 h_v·h (linear)
+  raw patches = 2·3p²·h per patch (Fuyu's projection; no vision encoder; ``images`` counts patches)
   (Flamingo's resampler and cross-attention and BLIP-2's Q-Former are not counted yet.)
 """
 from __future__ import annotations
@@ -40,12 +41,18 @@ def _multiplier(trainable: bool, grads_flow_in: bool) -> float:
 
 
 def sample_flops(cfg: ModelConfig, seq_length: int, images: float, trainable: set[str]) -> FlopsBreakdown:
-    """Training FLOPs of one sample of ``seq_length`` tokens carrying ``images`` images."""
+    """Training FLOPs of one sample of ``seq_length`` tokens carrying ``images`` images (or patches)."""
     v, lang = cfg.vision, cfg.language
     h, f, n, g, d = lang.hidden_size, lang.ffn_hidden_size, lang.num_heads, lang.query_groups, lang.head_dim
     gated = 3 if lang.gated else 2
     llm_token = lang.num_layers * (2 * h * (n * d + 2 * g * d) + 2 * n * d * h + 2 * h * f * gated) + 2 * h * lang.vocab_size
     llm_attn = lang.num_layers * 2 * seq_length * n * d
+    conn_train, llm_train = "connector" in trainable, bool({"llm", "lora", "fusion"} & trainable)
+    if v is None:   # raw patches: one projection per patch, straight into the decoder
+        connector = images * 2 * cfg.patches.patch_dim * h * _multiplier(conn_train, False)
+        llm = seq_length * llm_token * _multiplier(llm_train, conn_train)
+        llm += seq_length * llm_attn * (1.0 + (2.0 if (llm_train or conn_train) else 0.0))
+        return FlopsBreakdown(0.0, connector, llm)
     vision_tokens = v.num_patches + (1 if v.class_token else 0)
     hv = v.hidden_size
     vit_token = v.layers_to_build * (2 * hv * 3 * hv + 2 * hv * hv + 2 * hv * v.ffn_hidden_size * 2)
@@ -54,7 +61,7 @@ def sample_flops(cfg: ModelConfig, seq_length: int, images: float, trainable: se
     conn_token = {"mlp2x_gelu": 2 * (hv * h + h * h), "pixel_shuffle_mlp": 2 * (4 * hv * h + h * h)}.get(
         cfg.connector.type, 2 * hv * h)  # per LLM image token; the pixel shuffle packs 4 ViT tokens into one
 
-    vis_train, conn_train, llm_train = "vision" in trainable, "connector" in trainable, bool({"llm", "lora", "fusion"} & trainable)
+    vis_train = "vision" in trainable
     vision = images * (vision_tokens * (vit_token + patch) + vision_tokens * vit_attn) * _multiplier(vis_train, False)
     if vis_train:
         vision += images * vision_tokens * vit_attn  # attention's backward is two forwards

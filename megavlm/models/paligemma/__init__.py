@@ -39,7 +39,7 @@ def _paligemma_3b_224() -> ModelConfig:
         family="paligemma", flavor="paligemma-3b-224",
         vision=siglip(image_size=224, patch_size=14, hidden_size=1152, num_layers=27, num_heads=16,
                       ffn_hidden_size=4304),
-        language=gemma(vocab_size=257216, hidden_size=2048, num_layers=18, num_heads=8, num_kv_heads=1, kv_channels=256,
+        language=gemma(vocab_size=257216, hidden_size=2048, num_layers=18, num_heads=8, num_kv_heads=1,
                        ffn_hidden_size=16384, max_seq_len=8192),
         connector=ConnectorConfig(type="linear"),
         image_token_id=257152, prefix_lm=True, image_mean=list(UNIT_RANGE), image_std=list(UNIT_RANGE),

@@ -1,0 +1,105 @@
+"""torchrun worker (2 processes), one launch for every multi-process check of Fuyu and PaliGemma:
+
+* TP=2: each rank builds the same random HF model (same seed) and loads its own shard; the
+  vocab-sharded logits are gathered over TP and rank 0 compares them with HF's, exports the
+  gathered shards back to HF names and compares the exported model's logits;
+* PP=2: one training step's loss and gradients (gathered to full megavlm names), to be compared
+  by the test with one process's (``pp_step`` also runs there). Fuyu runs padded rows through the
+  fused linear cross-entropy kernel; PaliGemma runs packed rows (each sample's prefix block kept).
+
+Rank 0 writes {"tp2": {case: {batch: diffs}}} as JSON and each PP result as a .pt file."""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: the repository root for tests.*
+
+from megavlm.config.model import ParallelConfig
+from megavlm.config.schema import with_overrides
+from megavlm.models.registry import get_family
+from megavlm.parallel import init as pinit
+from megavlm.parallel.gather import gather_shards
+from megavlm.training.build import build_model, load_local_state
+from tests import fuyu_paligemma_cases as cases
+from tests import hf_variants
+
+# case -> (model overrides for the pipeline run, packed rows)
+PP_RUNS = {"fuyu": (["kernels.fused_linear_cross_entropy=true"], False), "paligemma": ([], True)}
+
+
+def tp_check(name: str, ctx, pgs, parallel) -> dict | None:
+    cfg = cases.case_config(name)
+    hf = cases.hf_reference(cfg)
+    reference = dict(hf.state_dict())
+    adapter = get_family(cfg.family).adapter_cls(cfg, tp_size=ctx.tp_size)
+    model = build_model(cfg, parallel, ctx, pgs).eval()
+    load_local_state(model, adapter.hf_to_megavlm(reference, ctx.tp_rank, 0))
+    shards = gather_shards(model.state_dict(), ctx.tp_rank, 0, ctx.dp_rank)
+    exported_model = None
+    if ctx.is_main:
+        exported = adapter.megavlm_to_hf(shards)
+        result = {"export_mismatches": hf_variants.export_mismatches(exported, reference)}
+        exported_model = hf_variants.exported_hf_model(cfg, exported, reference)
+    for batch_name, batch in cases.batches_for(name).items():
+        with torch.no_grad():
+            logits = model(batch["input_ids"], **cases.model_inputs(batch)).contiguous()
+        parts = [torch.empty_like(logits) for _ in range(ctx.tp_size)]
+        torch.distributed.all_gather(parts, logits, group=pgs.tp)
+        if ctx.is_main:
+            ours = torch.cat(parts, -1)[..., : cfg.language.vocab_size].float()
+            ref = cases.hf_logits(cfg, hf, batch)
+            result[batch_name] = {"hf_to_megavlm": (ours - ref).abs().max().item(),
+                                  "megavlm_to_hf": (cases.hf_logits(cfg, exported_model, batch) - ref).abs().max().item()}
+    return result if ctx.is_main else None
+
+
+def pp_step(name: str, ctx, pgs, parallel, overrides=(), packed: bool = False) -> dict:
+    """One forward/backward of the case's four samples under ``parallel``: the per-token loss and,
+    on rank 0, the gradients in full megavlm names (also run in one process by the test)."""
+    from megavlm.models.common.layer_specs import lm_head
+    from megavlm.training.build import wrap_ddp
+    from megavlm.training.step import configure_schedule, lm_loss_fn
+    from tests.workers.parallel_step import step_and_collect
+
+    cfg = with_overrides(cases.case_config(name), list(overrides))
+    adapter = get_family(cfg.family).adapter_cls(cfg, tp_size=ctx.tp_size, pp_size=ctx.pp_size)
+    model = build_model(cfg, parallel, ctx, pgs)
+    load_local_state(model, adapter.hf_to_megavlm(dict(cases.hf_reference(cfg, seed=5).state_dict()),
+                                                  ctx.tp_rank, ctx.pp_rank))
+    ddp = wrap_ddp(model)
+    configure_schedule([ddp])
+    batches = cases.pp_batches(cfg, packed)
+    loss_fn = lm_loss_fn(lm_head(cfg, pgs.tp, model.output_weight if ctx.is_last_stage else None))
+    out = step_and_collect(ddp, None, batches, loss_fn, cases.PP_SEQ, ctx)
+    grads = adapter.plan.unshard(out["grads"]) if ctx.is_main else None
+    return {"loss": out["loss"], "tokens": out["tokens"], "grads": grads}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True, help="directory for the results")
+    args = parser.parse_args()
+    out = Path(args.out)
+    results = {"tp2": {}}
+    parallel = ParallelConfig(tensor_parallel=2)
+    ctx = pinit.initialize(parallel, seed=0)
+    for name in cases.TP2_CASES:
+        results["tp2"][name] = tp_check(name, ctx, pinit.process_groups(), parallel)
+    parallel = ParallelConfig(pipeline_parallel=2)
+    ctx = pinit.initialize(parallel, seed=0)
+    for name, (overrides, packed) in PP_RUNS.items():
+        result = pp_step(name, ctx, pinit.process_groups(), parallel, overrides, packed)
+        if ctx.is_main:
+            torch.save(result, out / f"pp2_{name}.pt")
+    if ctx.is_main:
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        print(json.dumps(results, indent=1))
+    torch.distributed.barrier()
+    pinit.destroy()
+
+
+if __name__ == "__main__":
+    main()
