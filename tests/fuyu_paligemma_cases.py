@@ -37,8 +37,8 @@ def hf_reference(cfg, seed: int = 3):
 
 
 def synthetic_batch(cfg, seed: int = 7) -> dict:
-    return synthetic_batches(cfg, 3, 20 + image_positions(cfg, 2), micro_batch_size=3, seed=seed,
-                             image_pattern=(2, 1, 0))[0]
+    seq = 20 + image_positions(cfg, 2)
+    return synthetic_batches(cfg, 3, seq + seq % 2, micro_batch_size=3, seed=seed, image_pattern=(2, 1, 0))[0]
 
 
 def _png(width: int, height: int, rng) -> bytes:

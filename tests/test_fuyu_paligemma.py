@@ -226,16 +226,26 @@ def test_tp2_parity_and_pp2_step_one_launch(single_process, tmp_path):
     (Fuyu through the fused linear cross-entropy kernel, PaliGemma on packed prefix-LM rows)."""
     from tests.workers import fuyu_paligemma_layouts as worker
 
+    from megavlm.training.checkpoint import load_model
+
     run_torchrun(ROOT / "tests" / "workers" / "fuyu_paligemma_layouts.py", 2, ["--out", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())
-    for name in cases.TP2_CASES:
-        result = results["tp2"][name]
-        assert result.pop("export_mismatches") == [], name
-        assert set(result) == set(cases.batches_for(name)), name
-        for batch_name, diffs in result.items():
-            print(f"{name}/{batch_name} TP=2: HF -> megavlm {diffs['hf_to_megavlm']:.2e}, "
-                  f"megavlm -> HF {diffs['megavlm_to_hf']:.2e}")
-            assert diffs["hf_to_megavlm"] < TOLERANCE and diffs["megavlm_to_hf"] < TOLERANCE, (name, batch_name)
+    for layout in ("tp2", "tp2_sp"):
+        for name in cases.TP2_CASES:
+            result = results[layout][name]
+            assert result.pop("export_mismatches") == [], name
+            assert set(result) <= set(cases.batches_for(name)) and "synthetic" in result, (layout, name)
+            for batch_name, diffs in result.items():
+                print(f"{name}/{batch_name} {layout}: HF -> megavlm {diffs['hf_to_megavlm']:.2e}, "
+                      f"megavlm -> HF {diffs['megavlm_to_hf']:.2e}")
+                assert diffs["hf_to_megavlm"] < TOLERANCE and diffs["megavlm_to_hf"] < TOLERANCE, (layout, name)
+    assert "images" in results["tp2"]["fuyu"]
+    for name in cases.TP2_CASES:   # the TP=2 dist checkpoint loads at TP=1: the HF tensors again
+        cfg = cases.case_config(name)
+        model = build_model(cfg, ParallelConfig(), single_process, process_groups())
+        load_model(model, tmp_path / f"{name}_tp2_ckpt")
+        exported = get_family(cfg.family).adapter_cls(cfg).megavlm_to_hf({(0, 0): model.state_dict()})
+        assert not hf_variants.export_mismatches(exported, dict(cases.hf_reference(cfg).state_dict())), name
     for name, (_, packed) in worker.PP_RUNS.items():
         ref = worker.pp_step(name, single_process, process_groups(), ParallelConfig(), (), packed)
         pp2 = torch.load(tmp_path / f"pp2_{name}.pt")
@@ -276,15 +286,29 @@ E2E_STEPS = {"fuyu": 60, "paligemma": 150}
 @pytest.mark.parametrize("family", E2E_STEPS)
 def test_end_to_end_debug_stage_beats_blank_image(single_process, small_embedded, tmp_path, family):
     """The family's one-stage recipe, shortened, at TP=1 in this process: held-out caption token
-    accuracy with the image above the same model's with a blank image of the same layout."""
-    from megavlm.config.recipe import load_recipe
+    accuracy with the image above the same model's with a blank image of the same layout. Then
+    the evaluation suite's generating parts on the trained model: VQA exact match and a benchmark
+    (greedy, KV cache; the prefix-LM prompt read both ways)."""
+    from megavlm.config.recipe import BenchmarkConfig, load_recipe
+    from megavlm.data.build import open_eval_source
+    from megavlm.eval.benchmark_runner import load_benchmarks, run_benchmarks
+    from megavlm.eval.vlm_eval import vqa_exact_match
     from megavlm.training.trainer import Trainer
     from tests.conftest import data_overrides
 
     recipe = load_recipe(ROOT / "examples" / "recipes" / family / f"{family}_debug.yaml", data_overrides(small_embedded) + [
         "parallel.tensor_parallel=1", f"train.max_steps={E2E_STEPS[family]}", "checkpoint.dir=", "eval.max_samples=48",
         "train.eval_samples=48", "logging.tensorboard=false"])
-    metrics = Trainer(recipe).run()
+    trainer = Trainer(recipe)
+    metrics = trainer.run()
     image, blank = metrics["caption_token_accuracy"], metrics["caption_token_accuracy_blank"]
     print(f"{family}: caption token accuracy {image:.4f} with the image, {blank:.4f} with a blank image")
     assert image > blank + 0.03
+
+    ctx = trainer._eval_context()
+    vqa = vqa_exact_match(ctx, open_eval_source(str(small_embedded / "conversations_test.json"), "conversations", None,
+                                                "eval.vqa"), "plain", 8, 4, blank=False)
+    assert vqa["samples"] == 8 and 0.0 <= vqa["exact_match"] <= 1.0
+    pope = load_benchmarks([BenchmarkConfig(name="pope", path=str(small_embedded / "benchmarks" / "pope"), max_samples=2)])
+    result = run_benchmarks(ctx, pope, "plain")["pope"]
+    assert result["image"]["samples"] > 0 and result["blank"]["samples"] == result["image"]["samples"]

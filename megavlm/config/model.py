@@ -17,7 +17,7 @@ class VisionConfig:
     num_layers: int = 24
     num_heads: int = 16
     ffn_hidden_size: int = 4096
-    activation: Literal["quick_gelu", "gelu", "gelu_tanh"] = "quick_gelu"   # gelu_tanh: SigLIP's
+    activation: Literal["quick_gelu", "gelu", "gelu_tanh"] = "quick_gelu"   # MLP activation (CLIP: quick_gelu; SigLIP: gelu_tanh)
     norm_eps: float = 1e-5
     class_token: bool = True
     pre_norm: bool = True          # CLIP's ln_pre before the first layer
@@ -275,7 +275,8 @@ class ModelConfig:
     # What the model computes: "lm" (next-token loss through the LLM) or "qformer" (BLIP-2 stage 1:
     # ITC/ITM/ITG on the Q-Former, no LLM).
     head: Literal["lm", "qformer"] = "lm"
-    # null: no vision encoder (the images enter as raw patches: a patches section)
+    # The ViT encoder (CLIP ViT-L/14-336 by default); null: none, the images enter the decoder as
+    # raw patches (a patches section: Fuyu)
     vision: Optional[VisionConfig] = field(default_factory=VisionConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)

@@ -1,8 +1,9 @@
 """torchrun worker (2 processes), one launch for every multi-process check of Fuyu and PaliGemma:
 
-* TP=2: each rank builds the same random HF model (same seed) and loads its own shard; the
-  vocab-sharded logits are gathered over TP and rank 0 compares them with HF's, exports the
-  gathered shards back to HF names and compares the exported model's logits;
+* TP=2 (and TP=2 with sequence parallelism): each rank builds the same random HF model (same
+  seed) and loads its own shard; the vocab-sharded logits are gathered over TP and rank 0
+  compares them with HF's, exports the gathered shards back to HF names and compares the
+  exported model's logits; the TP=2 model is saved as a dist checkpoint (loaded at TP=1 by the test);
 * PP=2: one training step's loss and gradients (gathered to full megavlm names), to be compared
   by the test with one process's (``pp_step`` also runs there). Fuyu runs padded rows through the
   fused linear cross-entropy kernel; PaliGemma runs packed rows (each sample's prefix block kept).
@@ -30,13 +31,17 @@ from tests import hf_variants
 PP_RUNS = {"fuyu": (["kernels.fused_linear_cross_entropy=true"], False), "paligemma": ([], True)}
 
 
-def tp_check(name: str, ctx, pgs, parallel) -> dict | None:
+def tp_check(name: str, ctx, pgs, parallel, checkpoint: Path | None = None) -> dict | None:
     cfg = cases.case_config(name)
     hf = cases.hf_reference(cfg)
     reference = dict(hf.state_dict())
     adapter = get_family(cfg.family).adapter_cls(cfg, tp_size=ctx.tp_size)
     model = build_model(cfg, parallel, ctx, pgs).eval()
     load_local_state(model, adapter.hf_to_megavlm(reference, ctx.tp_rank, 0))
+    if checkpoint is not None:
+        from megavlm.training.checkpoint import save_model
+
+        save_model(model, cfg, checkpoint)
     shards = gather_shards(model.state_dict(), ctx.tp_rank, 0, ctx.dp_rank)
     exported_model = None
     if ctx.is_main:
@@ -44,6 +49,8 @@ def tp_check(name: str, ctx, pgs, parallel) -> dict | None:
         result = {"export_mismatches": hf_variants.export_mismatches(exported, reference)}
         exported_model = hf_variants.exported_hf_model(cfg, exported, reference)
     for batch_name, batch in cases.batches_for(name).items():
+        if parallel.sequence_parallel and batch["input_ids"].shape[1] % ctx.tp_size:
+            continue   # sequence parallelism splits rows evenly
         with torch.no_grad():
             logits = model(batch["input_ids"], **cases.model_inputs(batch)).contiguous()
         parts = [torch.empty_like(logits) for _ in range(ctx.tp_size)]
@@ -83,11 +90,13 @@ def main():
     parser.add_argument("--out", required=True, help="directory for the results")
     args = parser.parse_args()
     out = Path(args.out)
-    results = {"tp2": {}}
-    parallel = ParallelConfig(tensor_parallel=2)
-    ctx = pinit.initialize(parallel, seed=0)
-    for name in cases.TP2_CASES:
-        results["tp2"][name] = tp_check(name, ctx, pinit.process_groups(), parallel)
+    results = {"tp2": {}, "tp2_sp": {}}
+    for key, parallel in (("tp2", ParallelConfig(tensor_parallel=2)),
+                          ("tp2_sp", ParallelConfig(tensor_parallel=2, sequence_parallel=True))):
+        ctx = pinit.initialize(parallel, seed=0)
+        for name in cases.TP2_CASES:
+            checkpoint = out / f"{name}_tp2_ckpt" if key == "tp2" else None
+            results[key][name] = tp_check(name, ctx, pinit.process_groups(), parallel, checkpoint)
     parallel = ParallelConfig(pipeline_parallel=2)
     ctx = pinit.initialize(parallel, seed=0)
     for name, (overrides, packed) in PP_RUNS.items():

@@ -14,7 +14,7 @@ import torch
 from megavlm.config.model import ConnectorConfig, ModelConfig
 from megavlm.models.common import hf_blocks
 from megavlm.models.common.prefix_lm import prefix_length
-from megavlm.models.llava.state_dict_adapter import LlavaStateDictAdapter
+from megavlm.models.llava.state_dict_adapter import LlavaStateDictAdapter, _pad_rows
 
 VISION, PROJECTOR = "model.vision_tower.", "model.multi_modal_projector."
 LLM, HEAD = "model.language_model.", "lm_head.weight"
@@ -62,7 +62,8 @@ class PaliGemmaStateDictAdapter(LlavaStateDictAdapter):
     def components_to_megavlm(self, sources: dict[str, dict], tp_rank: int = 0, pp_rank: int = 0) -> dict:
         """Local state of the components taken from stand-alone HF models: ``vision`` from a SigLIP
         checkpoint (its vision_model), ``llm`` from a Gemma checkpoint; the projector keeps its
-        initialisation."""
+        initialisation. A vocabulary smaller than the model's (Gemma's 256000 vs PaliGemma's 257216
+        with its location and segmentation tokens) is padded with the mean embedding."""
         unknown = set(sources) - {"vision", "llm"}
         if unknown:
             raise ValueError(f"PaliGemma loads stand-alone HF checkpoints for 'vision' and 'llm' only, not {sorted(unknown)}")
@@ -72,6 +73,9 @@ class PaliGemmaStateDictAdapter(LlavaStateDictAdapter):
             hf_blocks.siglip_vision_to_megavlm(siglip, "", full, "vision.", self.model.vision)
         if "llm" in sources:
             hf_blocks.llama_to_megavlm(sources["llm"], "model.", HEAD, full, "language_model.", self.model.language)
+            for key in ("language_model.embedding.word_embeddings.weight", "language_model.output_layer.weight"):
+                if key in full:
+                    full[key] = _pad_rows(full[key], self.model.language.vocab_size, key)
         return self.plan.shard(full, tp_rank, pp_rank)
 
     def unused_hf_keys(self, hf: dict) -> list[str]:
