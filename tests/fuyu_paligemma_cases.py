@@ -94,6 +94,42 @@ def hf_logits(cfg, hf_model, batch: dict) -> torch.Tensor:
         return hf_model(input_ids=batch["input_ids"], **get_family(cfg.family).hf_inputs(cfg, batch)).logits.float()
 
 
+# ---- generation: prompts of different lengths ------------------------------------------------------
+class IdTokenizer:
+    eos_id, pad_id = 2, 0
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def generation_case(cfg, seed: int = 0):
+    """Prompts of different lengths, each with one image (a different grid for each Fuyu one)."""
+    from megavlm.data.synthetic import _image_inputs, _placeholders
+
+    g = torch.Generator().manual_seed(seed)
+    prompts, images = [], []
+    for i, n in enumerate((3, 7, 7, 5)):
+        layout = _placeholders(cfg, i)
+        prompts.append([1] + layout + torch.randint(5, 300, (n,), generator=g).tolist())
+        images.append(_image_inputs(cfg, [layout], g))
+    return prompts, torch.cat(images), [im.shape[0] for im in images]
+
+
+def generate_case(model, cfg, cache: bool, rows=None):
+    from megavlm.eval.generate import SamplingConfig, generate
+    from megavlm.models.common.layer_specs import lm_head
+
+    prompts, images, per_sample = generation_case(cfg)
+    rows = rows if rows is not None else list(range(len(prompts)))
+    starts = np.cumsum([0] + per_sample).tolist()
+    pixels = torch.cat([images[starts[r]:starts[r + 1]] for r in rows])
+    out = generate([model], [prompts[r] for r in rows], pixels, [per_sample[r] for r in rows], lm_head(cfg, None),
+                   IdTokenizer(), SamplingConfig(max_new_tokens=5, use_cache=cache), eos_ids={-1},
+                   banned=cfg.placeholder_ids, seeds=rows)
+    return [g.tokens for g in out]
+
+
+
 # ---- training-step batches for the pipeline check --------------------------------------------
 PP_SEQ = 64
 

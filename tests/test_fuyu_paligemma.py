@@ -65,6 +65,31 @@ def test_hf_parity_both_ways(single_process, name):
         assert (causal - cases.hf_logits(cfg, hf, batch)).abs().max().item() > 100 * TOLERANCE
 
 
+LEGACY = {"fuyu": [("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                   ("model.vision_embed_tokens.", "vision_embed_tokens.")],
+          "paligemma": [("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                        ("model.vision_tower.", "vision_tower.vision_model."),
+                        ("model.multi_modal_projector.", "multi_modal_projector.")]}
+
+
+@pytest.mark.parametrize("family", LEGACY)
+def test_hub_checkpoint_names_are_accepted(family):
+    """The released checkpoints (adept/fuyu-8b, google/paligemma-3b-pt-224) use transformers 4.x names."""
+    cfg = flavor_config(family, "debug")
+    state = dict(cases.hf_reference(cfg).state_dict())
+    legacy = {}
+    for key, value in state.items():
+        for new, old in LEGACY[family]:
+            if key.startswith(new):
+                key = old + key[len(new):]
+                break
+        legacy[key] = value
+    adapter = get_family(family).adapter_cls(cfg)
+    ours, theirs = adapter.hf_to_full(legacy), adapter.hf_to_full(state)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert adapter.unused_hf_keys(legacy) == []
+
+
 def test_published_flavors_round_trip_hf_configs():
     for family, flavor in (("fuyu", "fuyu-8b"), ("paligemma", "paligemma-3b-224")):
         cfg = flavor_config(family, flavor)
@@ -165,49 +190,15 @@ def test_prefix_lm_needs_prefix_lengths(paligemma):
 
 
 # ---- generation -----------------------------------------------------------------------------------
-class IdTokenizer:
-    eos_id, pad_id = 2, 0
-
-    def decode(self, ids):
-        return " ".join(map(str, ids))
-
-
-def generation_case(cfg, seed: int = 0):
-    """Prompts of different lengths, each with one image (a different grid for each Fuyu one)."""
-    from megavlm.data.synthetic import _image_inputs, _placeholders
-
-    g = torch.Generator().manual_seed(seed)
-    prompts, images = [], []
-    for i, n in enumerate((3, 7, 7, 5)):
-        layout = _placeholders(cfg, i)
-        prompts.append([1] + layout + torch.randint(5, 300, (n,), generator=g).tolist())
-        images.append(_image_inputs(cfg, [layout], g))
-    return prompts, torch.cat(images), [im.shape[0] for im in images]
-
-
-def generate_case(model, cfg, cache: bool, rows=None):
-    from megavlm.eval.generate import SamplingConfig, generate
-    from megavlm.models.common.layer_specs import lm_head
-
-    prompts, images, per_sample = generation_case(cfg)
-    rows = rows if rows is not None else list(range(len(prompts)))
-    starts = np.cumsum([0] + per_sample).tolist()
-    pixels = torch.cat([images[starts[r]:starts[r + 1]] for r in rows])
-    out = generate([model], [prompts[r] for r in rows], pixels, [per_sample[r] for r in rows], lm_head(cfg, None),
-                   IdTokenizer(), SamplingConfig(max_new_tokens=5, use_cache=cache), eos_ids={-1},
-                   banned=cfg.placeholder_ids, seeds=rows)
-    return [g.tokens for g in out]
-
-
 @pytest.mark.parametrize("name", cases.TP2_CASES)
 def test_generation_kv_cache_equals_recomputation(single_process, name):
     cfg = cases.case_config(name)
     model = _converted(single_process, cfg, cases.hf_reference(cfg, seed=6))
-    cached = generate_case(model, cfg, cache=True)
-    assert cached == generate_case(model, cfg, cache=False)
-    assert [generate_case(model, cfg, cache=True, rows=[r])[0] for r in range(len(cached))] == cached
+    cached = cases.generate_case(model, cfg, cache=True)
+    assert cached == cases.generate_case(model, cfg, cache=False)
+    assert [cases.generate_case(model, cfg, cache=True, rows=[r])[0] for r in range(len(cached))] == cached
     if cfg.prefix_lm:   # the first answer token comes from a prompt read in both directions
-        prompts, images, per_sample = generation_case(cfg)
+        prompts, images, per_sample = cases.generation_case(cfg)
         row = prompts[1]
         batch = {"input_ids": torch.tensor([row]), "images": images[per_sample[0]:sum(per_sample[:2])],
                  "images_per_sample": torch.tensor([per_sample[1]])}
@@ -222,8 +213,10 @@ def test_generation_kv_cache_equals_recomputation(single_process, name):
 def test_tp2_parity_and_pp2_step_one_launch(single_process, tmp_path):
     """TP=2: both families converted from HF straight into TP shards give HF's logits (Fuyu also
     on real images of two sizes), and the gathered shards export to the original tensors and to
-    a model with HF's logits. PP=2: a training step's loss and every gradient equal one process's
-    (Fuyu through the fused linear cross-entropy kernel, PaliGemma on packed prefix-LM rows)."""
+    a model with HF's logits; with sequence parallelism too; the TP=2 checkpoint loads at TP=1.
+    PP=2: a training step's loss and every gradient equal one process's (Fuyu through the fused
+    linear cross-entropy kernel, PaliGemma on packed prefix-LM rows), and greedy generation gives
+    one process's tokens, with and without the KV cache."""
     from tests.workers import fuyu_paligemma_layouts as worker
 
     from megavlm.training.checkpoint import load_model
@@ -256,6 +249,10 @@ def test_tp2_parity_and_pp2_step_one_launch(single_process, tmp_path):
             assert grad.abs().sum() > 0, (name, key)
             torch.testing.assert_close(pp2["grads"][key], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(),
                                        msg=lambda m: f"{name} {key}: {m}")
+    for name in cases.TP2_CASES:
+        cfg = cases.case_config(name)
+        one = cases.generate_case(_converted(single_process, cfg, cases.hf_reference(cfg, seed=6)), cfg, cache=True)
+        assert results["pp2_generation"][name] == {"cached": one, "uncached": one}, name
 
 
 # ---- configuration errors ---------------------------------------------------------------------
@@ -293,6 +290,7 @@ def test_end_to_end_debug_stage_beats_blank_image(single_process, small_embedded
     from megavlm.data.build import open_eval_source
     from megavlm.eval.benchmark_runner import load_benchmarks, run_benchmarks
     from megavlm.eval.vlm_eval import vqa_exact_match
+    from megavlm.training.stages import set_train_mode
     from megavlm.training.trainer import Trainer
     from tests.conftest import data_overrides
 
@@ -306,6 +304,8 @@ def test_end_to_end_debug_stage_beats_blank_image(single_process, small_embedded
     assert image > blank + 0.03
 
     ctx = trainer._eval_context()
+    for chunk in ctx.model_chunks:   # as evaluate_vlm does
+        set_train_mode(chunk, False)
     vqa = vqa_exact_match(ctx, open_eval_source(str(small_embedded / "conversations_test.json"), "conversations", None,
                                                 "eval.vqa"), "plain", 8, 4, blank=False)
     assert vqa["samples"] == 8 and 0.0 <= vqa["exact_match"] <= 1.0

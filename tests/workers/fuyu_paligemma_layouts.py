@@ -7,6 +7,7 @@
 * PP=2: one training step's loss and gradients (gathered to full megavlm names), to be compared
   by the test with one process's (``pp_step`` also runs there). Fuyu runs padded rows through the
   fused linear cross-entropy kernel; PaliGemma runs packed rows (each sample's prefix block kept).
+  Then greedy generation over the two stages, with and without the KV cache.
 
 Rank 0 writes {"tp2": {case: {batch: diffs}}} as JSON and each PP result as a .pt file."""
 import argparse
@@ -85,6 +86,15 @@ def pp_step(name: str, ctx, pgs, parallel, overrides=(), packed: bool = False) -
     return {"loss": out["loss"], "tokens": out["tokens"], "grads": grads}
 
 
+def pp_generation(name: str, ctx, pgs, parallel) -> dict:
+    cfg = cases.case_config(name)
+    adapter = get_family(cfg.family).adapter_cls(cfg, pp_size=ctx.pp_size)
+    model = build_model(cfg, parallel, ctx, pgs).eval()
+    load_local_state(model, adapter.hf_to_megavlm(dict(cases.hf_reference(cfg, seed=6).state_dict()), 0, ctx.pp_rank))
+    return {"cached": cases.generate_case(model, cfg, cache=True),
+            "uncached": cases.generate_case(model, cfg, cache=False)}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True, help="directory for the results")
@@ -103,6 +113,8 @@ def main():
         result = pp_step(name, ctx, pinit.process_groups(), parallel, overrides, packed)
         if ctx.is_main:
             torch.save(result, out / f"pp2_{name}.pt")
+    results["pp2_generation"] = {name: pp_generation(name, ctx, pinit.process_groups(), parallel)
+                                 for name in cases.TP2_CASES}
     if ctx.is_main:
         (out / "results.json").write_text(json.dumps(results, indent=2))
         print(json.dumps(results, indent=1))

@@ -16,8 +16,8 @@ from megavlm.models.common.sharding import ShardingPlan
 
 PROJECTION, LLM, HEAD = "model.vision_embed_tokens.", "model.language_model.", "lm_head.weight"
 ARCHITECTURE = "FuyuForCausalLM"
-PERSIMMON_LORA_MODULES = {"qkv": "self_attn.query_key_value", "o": "self_attn.dense",
-                          "up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"}
+# LoRA targets PEFT can name in a Persimmon layer (its q, k and v share one fused linear)
+PERSIMMON_LORA_MODULES = {"o": "self_attn.dense", "up": "mlp.dense_h_to_4h", "down": "mlp.dense_4h_to_h"}
 
 # Hub checkpoints (adept/fuyu-8b) use transformers 4.x names.
 _LEGACY_NAMES = [
