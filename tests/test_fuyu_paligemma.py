@@ -280,6 +280,7 @@ def test_bad_configurations_name_the_key(single_process):
 E2E_STEPS = {"fuyu": 60, "paligemma": 150}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", E2E_STEPS)
 def test_end_to_end_debug_stage_beats_blank_image(single_process, small_embedded, tmp_path, family):
     """The family's one-stage recipe, shortened, at TP=1 in this process: held-out caption token
@@ -312,3 +313,14 @@ def test_end_to_end_debug_stage_beats_blank_image(single_process, small_embedded
     pope = load_benchmarks([BenchmarkConfig(name="pope", path=str(small_embedded / "benchmarks" / "pope"), max_samples=2)])
     result = run_benchmarks(ctx, pope, "plain")["pope"]
     assert result["image"]["samples"] > 0 and result["blank"]["samples"] == result["image"]["samples"]
+
+
+def test_tokenizer_image_piece_names_the_placeholder(small_embedded):
+    """data.image_piece: a tokenizer whose image placeholder is its own piece (Fuyu-8B's |SPEAKER|)."""
+    from megavlm.data.tokenizer import load_tokenizer
+
+    path = small_embedded / "tokenizer.model"
+    tok = load_tokenizer(path, image_piece="[DEC]")
+    assert tok.image_token_id == tok.token_id("[DEC]") != load_tokenizer(path).image_token_id
+    with pytest.raises(ValueError, match="SPEAKER"):
+        load_tokenizer(path, image_piece="|SPEAKER|")
