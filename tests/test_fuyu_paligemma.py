@@ -172,7 +172,8 @@ def test_packed_rows_keep_each_samples_prefix(paligemma):
     start_image = 0
     for i, (a, b) in enumerate(zip(cu[:2], cu[1:3])):
         n_images = int((packed["input_ids"][0, a:b] == cfg.image_token_id).sum()) // cfg.image_tokens
-        alone = {"input_ids": packed["input_ids"][:, a:b], "images": packed["images"][start_image:start_image + n_images],
+        alone = {"input_ids": packed["input_ids"][:, a:b],
+                 "images": packed["images"][start_image:start_image + n_images],
                  "images_per_sample": torch.tensor([n_images]), "prefix_lengths": packed["prefix_lengths"][i:i + 1]}
         start_image += n_images
         torch.testing.assert_close(out[a:b], _logits(model, cfg, alone)[0], rtol=1e-5, atol=1e-5)
@@ -267,7 +268,8 @@ def test_bad_configurations_name_the_key(single_process):
     with pytest.raises(ConfigError, match="prefix_lm"):
         with_overrides(flavor_config("flamingo", "debug"), ["prefix_lm=true"])
     with pytest.raises(ConfigError, match="num_kv_heads"):   # PaliGemma-3B's one KV head does not split over TP
-        load_recipe(ROOT / "examples" / "recipes" / "paligemma" / "paligemma_debug.yaml", ["model.language.num_kv_heads=1"])
+        load_recipe(ROOT / "examples" / "recipes" / "paligemma" / "paligemma_debug.yaml",
+                    ["model.language.num_kv_heads=1"])
     llava = build_model(flavor_config("llava", "debug"), ParallelConfig(), single_process, process_groups())
     with pytest.raises(ValueError, match="causal model"):
         llava(torch.zeros(1, 8, dtype=torch.long), prefix_lengths=torch.tensor([3]))
@@ -295,9 +297,10 @@ def test_end_to_end_debug_stage_beats_blank_image(single_process, small_embedded
     from megavlm.training.trainer import Trainer
     from tests.conftest import data_overrides
 
-    recipe = load_recipe(ROOT / "examples" / "recipes" / family / f"{family}_debug.yaml", data_overrides(small_embedded) + [
-        "parallel.tensor_parallel=1", f"train.max_steps={E2E_STEPS[family]}", "checkpoint.dir=", "eval.max_samples=48",
-        "train.eval_samples=48", "logging.tensorboard=false"])
+    recipe = load_recipe(ROOT / "examples" / "recipes" / family / f"{family}_debug.yaml",
+                         data_overrides(small_embedded) + [
+                             "parallel.tensor_parallel=1", f"train.max_steps={E2E_STEPS[family]}", "checkpoint.dir=",
+                             "eval.max_samples=48", "train.eval_samples=48", "logging.tensorboard=false"])
     trainer = Trainer(recipe)
     metrics = trainer.run()
     image, blank = metrics["caption_token_accuracy"], metrics["caption_token_accuracy_blank"]
@@ -310,7 +313,8 @@ def test_end_to_end_debug_stage_beats_blank_image(single_process, small_embedded
     vqa = vqa_exact_match(ctx, open_eval_source(str(small_embedded / "conversations_test.json"), "conversations", None,
                                                 "eval.vqa"), "plain", 8, 4, blank=False)
     assert vqa["samples"] == 8 and 0.0 <= vqa["exact_match"] <= 1.0
-    pope = load_benchmarks([BenchmarkConfig(name="pope", path=str(small_embedded / "benchmarks" / "pope"), max_samples=2)])
+    pope = load_benchmarks([BenchmarkConfig(name="pope", path=str(small_embedded / "benchmarks" / "pope"),
+                                            max_samples=2)])
     result = run_benchmarks(ctx, pope, "plain")["pope"]
     assert result["image"]["samples"] > 0 and result["blank"]["samples"] == result["image"]["samples"]
 

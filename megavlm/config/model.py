@@ -17,7 +17,8 @@ class VisionConfig:
     num_layers: int = 24
     num_heads: int = 16
     ffn_hidden_size: int = 4096
-    activation: Literal["quick_gelu", "gelu", "gelu_tanh"] = "quick_gelu"   # MLP activation (CLIP: quick_gelu; SigLIP: gelu_tanh)
+    # MLP activation (CLIP: quick_gelu; SigLIP: gelu_tanh)
+    activation: Literal["quick_gelu", "gelu", "gelu_tanh"] = "quick_gelu"
     norm_eps: float = 1e-5
     class_token: bool = True
     pre_norm: bool = True          # CLIP's ln_pre before the first layer
@@ -107,7 +108,8 @@ class LanguageConfig:
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         check(self.kv_channels is not None or self.hidden_size % self.num_heads == 0, "language.num_heads",
-              f"hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads (or set language.kv_channels)")
+              f"hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads "
+              f"(or set language.kv_channels)")
         check(self.kv_channels is None or self.kv_channels > 0, "language.kv_channels", "must be positive")
         check(self.num_heads % self.query_groups == 0, "language.num_kv_heads",
               f"{self.num_heads} heads are not divisible by {self.query_groups} KV heads")

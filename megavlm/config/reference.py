@@ -18,7 +18,8 @@ FIELD_LINE = re.compile(r"^    (\w+): [^=]+?(?:= .*?)?(?:\s+#\s*(.*))?$")
 
 KEY_HELP: dict[str, str] = {  # keys whose field has no comment in megavlm/config/
     "model.family": "model family: its model, flavors and HF adapter live in megavlm/models/<family>/",
-    "model.flavor": "a preset of the family (debug, llava-1b, llava-1.5-7b, internvl3-1b, fuyu-8b, paligemma-3b-224, ...); the other model keys override it",
+    "model.flavor": "a preset of the family (debug, llava-1b, llava-1.5-7b, internvl3-1b, fuyu-8b, "
+                    "paligemma-3b-224, ...); the other model keys override it",
     "model.image_std": "per-channel pixel standard deviation (with model.image_mean)",
     "model.patches.patch_size": "pixels per patch side (Fuyu-8B: 30)",
     "model.patches.max_height": "larger images are scaled down, aspect kept, to fit this height ...",

@@ -97,7 +97,8 @@ def synthetic_batches(cfg: ModelConfig, num_samples: int, seq_length: int, micro
     length = None if fill >= 1.0 else max(1, round(fill * seq_length))
     samples = [synthetic_sample(cfg, seq_length, image_pattern[i % len(image_pattern)], gen, length=length)
                for i in range(num_samples)]
-    batches = [collate(samples[i: i + micro_batch_size], cfg.prefix_lm) for i in range(0, num_samples, micro_batch_size)]
+    batches = [collate(samples[i: i + micro_batch_size], cfg.prefix_lm)
+               for i in range(0, num_samples, micro_batch_size)]
     if device is not None:
         batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
     return batches

@@ -16,7 +16,8 @@ END_OF_CHUNK = "<|endofchunk|>"   # Flamingo: closes the text that belongs to an
 
 
 class SentencePieceTokenizer:
-    def __init__(self, path: str | Path, added_tokens: list[str] | tuple[str, ...] = (), image_piece: str | None = None):
+    def __init__(self, path: str | Path, added_tokens: list[str] | tuple[str, ...] = (),
+                 image_piece: str | None = None):
         import sentencepiece as spm
 
         path = Path(path)
@@ -34,8 +35,8 @@ class SentencePieceTokenizer:
         self._split = re.compile("(" + "|".join(map(re.escape, added_tokens)) + ")") if added_tokens else None
         image = self.token_id(image_piece or IMAGE_TOKEN)
         if image is None:
-            raise ValueError(f"tokenizer {path} has no '{image_piece or IMAGE_TOKEN}' piece: list it in data.added_tokens "
-                             f"(appended after the {base} pieces), or train the model with "
+            raise ValueError(f"tokenizer {path} has no '{image_piece or IMAGE_TOKEN}' piece: list it in "
+                             f"data.added_tokens (appended after the {base} pieces), or train the model with "
                              f"user_defined_symbols=['{IMAGE_TOKEN}']")
         self.image_token_id = image
 
@@ -111,7 +112,8 @@ class HFTokenizer:
     """A tokenizer.json (HF ``tokenizers``), with bos/eos/pad from the tokenizer_config.json beside
     it when there is one. ``added_tokens`` missing from the file are added after its vocabulary."""
 
-    def __init__(self, path: str | Path, added_tokens: list[str] | tuple[str, ...] = (), image_piece: str | None = None):
+    def __init__(self, path: str | Path, added_tokens: list[str] | tuple[str, ...] = (),
+                 image_piece: str | None = None):
         import json
 
         from tokenizers import Tokenizer

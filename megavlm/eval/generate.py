@@ -259,7 +259,8 @@ def generate(model_chunks: list, prompts: list[list[int]], images: torch.Tensor 
     seeds = list(seeds) if seeds else list(range(len(prompts)))
     run = _cached if cfg.use_cache and supports_kv_cache(model_chunks) else _uncached
     if run is _cached and inner.model_config.prefix_lm and len(set(map(len, prompts))) > 1:
-        return _by_prompt_length(model_chunks, prompts, images, per_sample, head, tokenizer, cfg, eos_ids, banned, seeds)
+        return _by_prompt_length(model_chunks, prompts, images, per_sample, head, tokenizer, cfg, eos_ids, banned,
+                                 seeds)
     state = _Batch(prompts, total, tokenizer.pad_id, device)
     generators = [torch.Generator().manual_seed(cfg.seed + seed) for seed in seeds]
     run(model_chunks, state, images.to(device), per_sample.to(device), head, tokenizer, cfg, eos_ids, list(banned),

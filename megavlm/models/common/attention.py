@@ -73,9 +73,9 @@ class SDPAttention(MegatronModule):
         prefix = getattr(params, "prefix_lengths", None)
         if self.attn_mask_type == AttnMaskType.arbitrary and prefix is None:
             raise ValueError("a prefix-LM layer got packed rows without prefix lengths (PrefixPackedSeqParams)")
-        out = varlen_attention(query, key, value, params.cu_seqlens_q, params.cu_seqlens_kv, causal or prefix is not None,
-                               self.softmax_scale, dropout, getattr(params, "max_seqlen_q", None),
-                               getattr(params, "max_seqlen_kv", None), prefix)
+        out = varlen_attention(query, key, value, params.cu_seqlens_q, params.cu_seqlens_kv,
+                               causal or prefix is not None, self.softmax_scale, dropout,
+                               getattr(params, "max_seqlen_q", None), getattr(params, "max_seqlen_kv", None), prefix)
         out = out.reshape(out.shape[0], -1)
         return out.unsqueeze(1) if squeeze else out
 

@@ -48,4 +48,5 @@ def prefix_lm_attention(prefix_lengths: torch.Tensor, seq_length: int, packed_se
     if prefix_lengths.numel() != segments:
         raise ValueError(f"packed row: {prefix_lengths.numel()} prefix lengths for {segments} cu_seqlens segments")
     fields = {name: getattr(packed_seq_params, name) for name in PackedSeqParams.__dataclass_fields__}
-    return None, PrefixPackedSeqParams(**fields, prefix_lengths=prefix_lengths.to(packed_seq_params.cu_seqlens_q.device))
+    prefix_lengths = prefix_lengths.to(packed_seq_params.cu_seqlens_q.device)
+    return None, PrefixPackedSeqParams(**fields, prefix_lengths=prefix_lengths)

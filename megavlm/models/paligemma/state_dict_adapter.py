@@ -66,10 +66,12 @@ class PaliGemmaStateDictAdapter(LlavaStateDictAdapter):
         with its location and segmentation tokens) is padded with the mean embedding."""
         unknown = set(sources) - {"vision", "llm"}
         if unknown:
-            raise ValueError(f"PaliGemma loads stand-alone HF checkpoints for 'vision' and 'llm' only, not {sorted(unknown)}")
+            raise ValueError(f"PaliGemma loads stand-alone HF checkpoints for 'vision' and 'llm' only, not "
+                             f"{sorted(unknown)}")
         full: dict = {}
         if "vision" in sources:
-            siglip = {k[len("vision_model."):]: v for k, v in sources["vision"].items() if k.startswith("vision_model.")}
+            siglip = {k[len("vision_model."):]: v for k, v in sources["vision"].items()
+                      if k.startswith("vision_model.")}
             hf_blocks.siglip_vision_to_megavlm(siglip, "", full, "vision.", self.model.vision)
         if "llm" in sources:
             hf_blocks.llama_to_megavlm(sources["llm"], "model.", HEAD, full, "language_model.", self.model.language)
