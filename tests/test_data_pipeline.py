@@ -207,7 +207,7 @@ def test_dali_decodes_on_the_ranks_device_and_counts_its_pil_fallbacks(small_emb
         out = backend.decode(items)
     assert [tuple(t.shape) for t in out] == [(3, 56, 56), (3, 3, 56, 56), (3, 56, 56)]
     assert torch.equal(out[1], pil_preprocess(items[1][0], 56, items[1][1]))
-    assert backend.fallbacks == {"tiled": 1, "undecodable": 0}
+    assert backend.fallbacks == {"tiled": 1, "patches": 0, "undecodable": 0}
     assert "pil_fallback_tiled" in caplog.text
 
 

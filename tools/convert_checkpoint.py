@@ -101,7 +101,7 @@ def verify(hf_dir: Path, ckpt: Path, dtype: torch.dtype, seed: int = 0) -> float
     """max |logits(HF) - logits(megavlm)| on a random batch with one and two images."""
     import transformers
 
-    from megavlm.data.synthetic import synthetic_batches
+    from megavlm.data.synthetic import image_positions, synthetic_batches
     from megavlm.models.registry import get_family
     from megavlm.training.checkpoint import load_model, read_model_config
 
@@ -115,12 +115,13 @@ def verify(hf_dir: Path, ckpt: Path, dtype: torch.dtype, seed: int = 0) -> float
     family = get_family(model_cfg.family)
     hf_cls = getattr(transformers, family.hf_class)
     hf = hf_cls.from_pretrained(str(hf_dir), dtype=dtype, local_files_only=True).eval()
-    seq = 16 + 2 * model_cfg.image_tokens
+    seq = 16 + image_positions(model_cfg, 2)
     batch = synthetic_batches(model_cfg, 2, seq, micro_batch_size=2, seed=seed, image_pattern=(1, 2))[0]
+    prefix = {"prefix_lengths": batch["prefix_lengths"]} if "prefix_lengths" in batch else {}
     with torch.no_grad():
         images = {k: v.to(dtype) if v.is_floating_point() else v for k, v in family.hf_inputs(model_cfg, batch).items()}
         ref = hf(input_ids=batch["input_ids"], **images).logits.float()
-        out = model(batch["input_ids"], images=batch["images"], images_per_sample=batch["images_per_sample"])
+        out = model(batch["input_ids"], images=batch["images"], images_per_sample=batch["images_per_sample"], **prefix)
     return (out[..., : ref.shape[-1]].float() - ref).abs().max().item()
 
 

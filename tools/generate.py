@@ -39,8 +39,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from megavlm.data.build import encoder_for
-    from megavlm.data.images import PILBackend
+    from megavlm.data.build import encoder_for, image_backend
+    from megavlm.data.collate import image_inputs
     from megavlm.data.templates import BadSample
     from megavlm.data.tokenizer import IMAGE_TOKEN
     from megavlm.data.augment import ImageAug
@@ -66,17 +66,24 @@ def main(argv=None) -> int:
         if args.image and IMAGE_TOKEN not in question:
             question = "\n".join([IMAGE_TOKEN] * len(args.image) + [question])
         encoder = encoder_for(ctx.model_cfg, ctx.tokenizer, recipe.data.template)
-        prompt = encoder.encode_prompt([], question, len(args.image), "prompt")
-        decoded = PILBackend(ctx.model_cfg.vision.image_size).decode(
-            [(Path(p).read_bytes(), ImageAug(), "prompt", p) for p in args.image])
+        items = [(Path(p).read_bytes(), ImageAug(), "prompt", p) for p in args.image]
+        views = [1] * len(items)
+        if ctx.tiler is not None:  # InternVL's tiles, Fuyu's patch grids: each image's layout from its size
+            planned = [ctx.tiler.plan(data, aug, sid, src) for data, aug, sid, src in items]
+            items = [(data, aug, sid, src) for (data, _, sid, src), (aug, _) in zip(items, planned)]
+            views = [view for _, view in planned]
+        prompt = encoder.encode_prompt([], question, len(args.image), "prompt", views)
+        decoded = image_backend(ctx.model_cfg).decode(items)
         bad = next((d for d in decoded if isinstance(d, BadSample)), None)
         if bad is not None:
             raise bad
-        images = torch.stack(decoded) if decoded else None
+        inputs = [image_inputs(d) for d in decoded]
+        images = torch.cat(inputs) if inputs else None
         start = time.perf_counter()
-        out = generate(ctx.model_chunks, [prompt], images, [len(decoded)], ctx.head, ctx.tokenizer, sampling,
+        out = generate(ctx.model_chunks, [prompt], images, [sum(i.shape[0] for i in inputs)], ctx.head, ctx.tokenizer,
+                       sampling,
                        eos_ids=end_of_answer_ids(ctx.tokenizer, recipe.data.template),
-                       banned=[ctx.model_cfg.image_token_id])[0]
+                       banned=ctx.model_cfg.placeholder_ids)[0]
         seconds = time.perf_counter() - start
         if pctx.is_main:
             print(out.text)

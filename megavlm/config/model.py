@@ -17,6 +17,7 @@ class VisionConfig:
     num_layers: int = 24
     num_heads: int = 16
     ffn_hidden_size: int = 4096
+    # MLP activation (CLIP: quick_gelu; SigLIP: gelu_tanh)
     activation: Literal["quick_gelu", "gelu", "gelu_tanh"] = "quick_gelu"
     norm_eps: float = 1e-5
     class_token: bool = True
@@ -92,19 +93,34 @@ class LanguageConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
-    activation: Literal["swiglu", "gelu", "relu", "quick_gelu", "gelu_tanh"] = "swiglu"
+    # swiglu: SiLU-gated (Llama); geglu: tanh-GELU-gated (Gemma); squared_relu: relu(x)^2 (Persimmon);
+    # quick_gelu (CLIP text), gelu_tanh (SigLIP text)
+    activation: Literal["swiglu", "geglu", "gelu", "relu", "squared_relu", "quick_gelu", "gelu_tanh"] = "swiglu"
     position_embedding: Literal["rope", "learned"] = "rope"
+    rotary_percent: float = 1.0          # share of each head's channels RoPE rotates (Persimmon: 0.5)
     qkv_bias: bool = False
     linear_bias: bool = False
     tie_embeddings: bool = False
+    # Channels per attention head; None: hidden_size / num_heads (Gemma-7B: 256 with 16 heads of a 3072 model)
+    kv_channels: Optional[int] = None
+    qk_norm: bool = False                # a LayerNorm over each head's query and key channels (Persimmon)
+    scale_embeddings: bool = False       # token embeddings times sqrt(hidden_size) (Gemma); image embeddings not
+    # Norms scale by (1 + weight), their weights start at 0 (Gemma); checkpoints hold that weight
+    zero_centered_norm: bool = False
 
     def __post_init__(self):
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
-        check(self.hidden_size % self.num_heads == 0, "language.num_heads",
-              f"hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads")
+        check(self.kv_channels is not None or self.hidden_size % self.num_heads == 0, "language.num_heads",
+              f"hidden_size {self.hidden_size} is not divisible by {self.num_heads} heads "
+              f"(or set language.kv_channels)")
+        check(self.kv_channels is None or self.kv_channels > 0, "language.kv_channels", "must be positive")
         check(self.num_heads % self.query_groups == 0, "language.num_kv_heads",
               f"{self.num_heads} heads are not divisible by {self.query_groups} KV heads")
+        check(0 < self.rotary_percent <= 1, "language.rotary_percent", "must be in (0, 1]")
+        rotary = int(self.head_dim * self.rotary_percent)
+        check(self.position_embedding != "rope" or (rotary % 2 == 0 and rotary > 0), "language.rotary_percent",
+              f"rotates {self.head_dim} x {self.rotary_percent} channels per head: needs an even, positive count")
 
     @property
     def query_groups(self) -> int:
@@ -112,7 +128,12 @@ class LanguageConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.kv_channels or self.hidden_size // self.num_heads
+
+    @property
+    def gated(self) -> bool:
+        """The MLP's first projection holds [gate; up] halves."""
+        return self.activation in ("swiglu", "geglu")
 
 
 @dataclass
@@ -243,6 +264,35 @@ class ContrastiveConfig:
 
 
 @dataclass
+class PatchInputConfig:
+    """Images enter the decoder as raw patches (Fuyu): no vision encoder. An image is scaled down
+    (aspect kept) to fit max_height x max_width, padded at the bottom and right to a multiple of
+    patch_size, and cut into patches in raster order; each row of patches is followed by the
+    image-newline token. A patch is one decoder position, linearly projected from its pixels."""
+
+    patch_size: int = 30
+    max_height: int = 1080
+    max_width: int = 1920
+    # an id the tokenizer never produces for text (Fuyu-8B: 71019, |NEWLINE|)
+    newline_token_id: int = 71019
+
+    def __post_init__(self):
+        check(self.patch_size > 0, "patches.patch_size", "must be positive")
+        for key in ("max_height", "max_width"):
+            check(getattr(self, key) >= self.patch_size, f"patches.{key}",
+                  f"{getattr(self, key)} is smaller than patch_size {self.patch_size}")
+
+    @property
+    def patch_dim(self) -> int:
+        """Inputs of the patch projection: 3 channels x patch_size^2 pixels."""
+        return 3 * self.patch_size ** 2
+
+    @property
+    def max_patches(self) -> int:
+        return (self.max_height // self.patch_size) * (self.max_width // self.patch_size)
+
+
+@dataclass
 class KernelConfig:
     """Fused implementations (kernels/); chosen in models/common/layer_specs.py only."""
 
@@ -256,21 +306,34 @@ class KernelConfig:
         check(self.loss_chunk_tokens > 0, "kernels.loss_chunk_tokens", "must be positive")
 
 
+# Families whose model takes ``prefix_lengths`` (models/common/vlm.py VLMBase with the LLaVA-style decoder)
+PREFIX_LM_FAMILIES = ("llava", "internvl", "fuyu", "paligemma")
+
+
 @dataclass
 class ModelConfig:
-    family: Literal["llava", "blip2", "flamingo", "internvl", "clip"] = "llava"
+    family: Literal["llava", "blip2", "flamingo", "internvl", "clip", "fuyu", "paligemma"] = "llava"
     flavor: str = ""
     # What the model computes: "lm" (next-token loss through the LLM), "qformer" (BLIP-2 stage 1:
     # ITC/ITM/ITG on the Q-Former, no LLM) or "contrastive" (CLIP / SigLIP: the ViT and a text
     # encoder, ``language``, trained to match image-text pairs).
     head: Literal["lm", "qformer", "contrastive"] = "lm"
-    vision: VisionConfig = field(default_factory=VisionConfig)
+    # The ViT encoder (CLIP ViT-L/14-336 by default); null: none, the images enter the decoder as
+    # raw patches (a patches section: Fuyu)
+    vision: Optional[VisionConfig] = field(default_factory=VisionConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     qformer: Optional[QFormerConfig] = None
     flamingo: Optional[FlamingoConfig] = None
     contrastive: Optional[ContrastiveConfig] = None
+    patches: Optional[PatchInputConfig] = None
     image_token_id: int = 32000
+    # Prefix-LM attention (PaliGemma): each sample's prefix (image + prompt, everything before
+    # its first supervised token) attends bidirectionally, the rest causally
+    prefix_lm: bool = False
+    # Per-channel pixel normalisation (CLIP's by default; SigLIP and Fuyu: 0.5, 0.5)
+    image_mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    image_std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
     # Implementation of the transformer layers: chosen in models/common/layer_specs.py only.
     transformer_impl: Literal["local", "te"] = "local"
     # FP8 GEMMs in the transformer layers through Transformer Engine (E4M3 forward, E5M2 gradients):
@@ -284,6 +347,20 @@ class ModelConfig:
               "set transformer_impl: te")
         check(self.head == "contrastive" or 0 <= self.image_token_id < self.language.vocab_size, "image_token_id",
               f"{self.image_token_id} is outside the vocabulary (size {self.language.vocab_size})")
+        check((self.vision is None) == (self.patches is not None), "patches",
+              "a model has a vision encoder (vision section) or raw patch inputs (patches section, vision: null), "
+              "not both")
+        if self.patches is not None:
+            newline = self.patches.newline_token_id
+            check(0 <= newline < self.language.vocab_size and newline != self.image_token_id,
+                  "patches.newline_token_id", f"{newline} must be a vocabulary id other than image_token_id")
+            check(self.connector.type == "linear" and self.qformer is None and self.flamingo is None,
+                  "connector.type", "raw patches go through a linear projection: use connector.type: linear")
+        check(len(self.image_mean) == 3 and len(self.image_std) == 3 and all(s > 0 for s in self.image_std),
+              "image_mean", "image_mean and image_std need 3 channels (and a positive std)")
+        check(not self.prefix_lm or self.family in PREFIX_LM_FAMILIES, "prefix_lm",
+              f"the prefix-LM mask is built by the families that place image embeddings in the sequence "
+              f"({', '.join(PREFIX_LM_FAMILIES)}), not {self.family}")
         check((self.connector.type == "qformer") == (self.qformer is not None), "qformer",
               "a qformer section goes with connector.type: qformer")
         check(self.head != "qformer" or self.qformer is not None, "head", "head: qformer needs a qformer section")
@@ -320,7 +397,7 @@ class ModelConfig:
 
     def attention_heads(self) -> list[tuple[str, str, int]]:
         """(config key, module, head count) of every attention tensor parallelism splits by heads."""
-        heads = [] if self.vision.tensor_parallel == 1 else [
+        heads = [] if self.vision is None or self.vision.tensor_parallel == 1 else [
             ("model.vision.padded_heads" if self.vision.padded_heads else "model.vision.num_heads",
              "the ViT's self-attention", self.vision.built_heads)]
         whole_connector = self.connector.tensor_parallel == 1
@@ -349,13 +426,24 @@ class ModelConfig:
             return -(-heads // tp) * tp
 
         overrides = []
-        if self.vision.num_heads % tp:
+        if self.vision is not None and self.vision.num_heads % tp:
             overrides.append(f"vision.padded_heads={up(self.vision.num_heads)}")
         if self.qformer is not None and self.qformer.num_heads % tp:
             overrides.append(f"qformer.padded_heads={up(self.qformer.num_heads)}")
         if self.flamingo is not None and self.flamingo.use_resampler and self.flamingo.resampler_heads % tp:
             overrides.append(f"flamingo.resampler_padded_heads={up(self.flamingo.resampler_heads)}")
         return overrides
+
+    @property
+    def vision_layers(self) -> int:
+        """ViT layers the model builds (0 without a vision encoder)."""
+        return self.vision.layers_to_build if self.vision is not None else 0
+
+    @property
+    def placeholder_ids(self) -> list[int]:
+        """Ids that stand for image positions and are never generated: <image>, and the
+        image-newline of raw patch inputs."""
+        return [self.image_token_id] + ([self.patches.newline_token_id] if self.patches is not None else [])
 
     @property
     def media_tokens(self) -> int:
@@ -365,9 +453,10 @@ class ModelConfig:
 
     @property
     def image_tokens(self) -> int:
-        """LLM positions one image fills: the Q-Former's queries, the ViT's tokens, or one
-        <image> marker (Flamingo: images enter through cross-attention, not the sequence)."""
-        if self.flamingo is not None:
+        """LLM positions one image input fills: the Q-Former's queries, the ViT's tokens, one
+        <image> marker (Flamingo: images enter through cross-attention, not the sequence), or one
+        patch (raw patch inputs: an image is as many inputs as it has patches)."""
+        if self.flamingo is not None or self.patches is not None:
             return 1
         if self.connector.type == "pixel_shuffle_mlp":
             return self.vision.num_patches // 4

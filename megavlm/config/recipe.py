@@ -158,6 +158,9 @@ class DataConfig:
     # tokens appended after the tokenizer's vocabulary, in order (HF "added tokens"), e.g.
     # [<image>] for Vicuna (LLaVA-1.5: id 32000); the embedded tokenizer already has its markers
     added_tokens: list[str] = field(default_factory=list)
+    # the tokenizer's piece for image positions when it is not "<image>" (Fuyu-8B: "|SPEAKER|"); the
+    # data still marks images with <image> tags
+    image_piece: Optional[str] = None
     template: str = "plain"
     end_of_chunk: Optional[str] = None   # interleaved documents: marker after each text chunk
     embedded: Optional[str] = None       # generate the embedded dataset here first (quick start)
@@ -329,6 +332,10 @@ class Recipe:
             self._check_contrastive()
         check(self.eval.clip_model is None or (self.model.head == "lm" and bool(self.eval.captions)), "eval.clip_model",
               "clip_similarity scores the captions a VLM (head: lm) generates for eval.captions: set eval.captions")
+        check(not (self.model.prefix_lm and self.data.packing and self.model.transformer_impl == "te"), "data.packing",
+              "packed rows keep each sample's prefix-LM block in the local attention only: use transformer_impl: local")
+        check(self.model.patches is None or not self.data.max_tiles, "data.max_tiles",
+              "raw patch inputs (model.patches) keep each image at its own resolution: tiles do not apply")
         check(not self.train.overlap_param_gather or self.optimizer.distributed, "train.overlap_param_gather",
               "overlaps the distributed optimizer's parameter all-gather: set optimizer.distributed: true")
 

@@ -18,7 +18,12 @@ FIELD_LINE = re.compile(r"^    (\w+): [^=]+?(?:= .*?)?(?:\s+#\s*(.*))?$")
 
 KEY_HELP: dict[str, str] = {  # keys whose field has no comment in megavlm/config/
     "model.family": "model family: its model, flavors and HF adapter live in megavlm/models/<family>/",
-    "model.flavor": "a preset of the family (debug, llava-1b, llava-1.5-7b, internvl3-1b, ...); the other model keys override it",
+    "model.flavor": "a preset of the family (debug, llava-1b, llava-1.5-7b, internvl3-1b, fuyu-8b, "
+                    "paligemma-3b-224, clip-vit-l-14-336, ...); the other model keys override it",
+    "model.image_std": "per-channel pixel standard deviation (with model.image_mean)",
+    "model.patches.patch_size": "pixels per patch side (Fuyu-8B: 30)",
+    "model.patches.max_height": "larger images are scaled down, aspect kept, to fit this height ...",
+    "model.patches.max_width": "... and this width (Fuyu-8B: 1080 x 1920)",
     "model.image_token_id": "token id of `<image>` in the tokenizer (checked against data.tokenizer at start; unused by head: contrastive)",
     "model.init_std": "std of the normal initialisation of weights not loaded from a checkpoint",
     "model.vision.image_size": "input resolution (pixels per side)",

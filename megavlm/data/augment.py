@@ -26,11 +26,14 @@ class ImageAug:
     contrast: float = 1.0
     tiles: tuple[int, int] | None = None   # dynamic resolution: (cols, rows) of tiles (data/tiles.py)
     thumbnail: bool = False                # with tiles: a thumbnail of the whole image after them
+    # raw patch inputs (data/patches.py): the (width, height) the box is scaled to, and the patch size
+    native_size: tuple[int, int] | None = None
+    patch_size: int | None = None
 
     def box(self, width: int, height: int) -> tuple[float, float, float, float]:
         """Source box (x0, y0, x1, y1) in pixels; without a crop, the centre square (CLIP's crop),
-        or the whole image when it is tiled."""
-        if self.crop is None and self.tiles is not None:
+        or the whole image when it is tiled or kept at its own resolution."""
+        if self.crop is None and (self.tiles is not None or self.native_size is not None):
             return 0.0, 0.0, float(width), float(height)
         if self.crop is None:
             side = min(width, height)

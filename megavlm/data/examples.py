@@ -34,7 +34,7 @@ class ExampleBuilder:
                  drop_images: bool = False):
         self.encoder, self.seq_length = encoder, seq_length
         self.drop_images = drop_images       # text only: images and <image> tags removed
-        self.tiler = tiler                   # data/tiles.py TilePlanner: dynamic-resolution tiles
+        self.tiler = tiler                   # each image's layout from its size: InternVL tiles, Fuyu patch grids
         self.max_images = max_images         # a model's limit per sample (Flamingo's max_media)
         self.augment, self.seed = augment, seed
         self.end_of_chunk = end_of_chunk   # interleaved: a marker after each text chunk (Flamingo's <|endofchunk|>)

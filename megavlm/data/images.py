@@ -17,6 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from megavlm.data.augment import ImageAug
+from megavlm.data.patches import PAD_VALUE, pad_to_grid, patchify
 from megavlm.data.templates import BadSample
 from megavlm.data.tiles import split_tiles
 
@@ -24,8 +25,6 @@ log = logging.getLogger(__name__)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MIN_SIDE, MAX_ASPECT = 2, 20.0
-_MEAN = np.asarray(CLIP_MEAN, dtype=np.float32) * 255
-_STD = np.asarray(CLIP_STD, dtype=np.float32) * 255
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -76,25 +75,44 @@ def jitter(array: np.ndarray, brightness: float, contrast: float) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def normalize(array: np.ndarray) -> torch.Tensor:
-    """HWC uint8 -> CHW float32 with CLIP mean/std."""
-    out = (array.astype(np.float32) - _MEAN) / _STD
+def _scaled(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.float32) * 255
+
+
+def normalize(array: np.ndarray, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """HWC uint8 -> CHW float32 with the per-channel mean/std (CLIP's by default)."""
+    out = (array.astype(np.float32) - _scaled(mean)) / _scaled(std)
     return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
 
 
-def pil_preprocess(data: bytes, size: int, aug: ImageAug, sample_id: str = "?", source: str = "?") -> torch.Tensor:
-    """[3, size, size], or [views, 3, size, size] for a tiled image (``aug.tiles``)."""
+def _patches(image: Image.Image, box, aug: ImageAug, mean, std) -> torch.Tensor:
+    """Raw patch inputs: the box scaled (bilinear, as HF Fuyu's processor) to ``aug.native_size``,
+    padded to whole patches, [patches, 3 * patch_size^2]."""
+    image = image.resize(aug.native_size, Image.BILINEAR, box=box)
+    if aug.flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    pixels = torch.from_numpy(np.array(jitter(np.asarray(image), aug.brightness, aug.contrast)))
+    padded = pad_to_grid(pixels.permute(2, 0, 1), aug.patch_size, PAD_VALUE)
+    return patchify(normalize(padded.permute(1, 2, 0).numpy(), mean, std), aug.patch_size)
+
+
+def pil_preprocess(data: bytes, size: int | None, aug: ImageAug, sample_id: str = "?", source: str = "?",
+                   mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """[3, size, size], [views, 3, size, size] for a tiled image (``aug.tiles``), or
+    [patches, 3 * p * p] for raw patch inputs (``aug.patch_size``, data/patches.py)."""
     image = open_image(data, sample_id, source)
     box = aug.box(*image.size)
+    if aug.patch_size is not None:
+        return _patches(image, box, aug, mean, std)
     if aug.tiles is not None:
         if aug.flip:  # mirror the whole image (and its box) before it is cut into tiles
             image, box = image.transpose(Image.FLIP_LEFT_RIGHT), (image.width - box[2], box[1], image.width - box[0], box[3])
         views = split_tiles(image, size, aug.tiles, aug.thumbnail, box)
-        return torch.stack([normalize(jitter(np.asarray(v), aug.brightness, aug.contrast)) for v in views])
+        return torch.stack([normalize(jitter(np.asarray(v), aug.brightness, aug.contrast), mean, std) for v in views])
     image = image.resize((size, size), Image.BICUBIC, box=box)
     if aug.flip:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    return normalize(jitter(np.asarray(image), aug.brightness, aug.contrast))
+    return normalize(jitter(np.asarray(image), aug.brightness, aug.contrast), mean, std)
 
 
 def clip_reference(image: Image.Image, size: int) -> torch.Tensor:
@@ -107,22 +125,31 @@ def clip_reference(image: Image.Image, size: int) -> torch.Tensor:
     return normalize(np.asarray(image.crop((left, top, left + size, top + size))))
 
 
-def blank_image(size: int, value: int = 128) -> torch.Tensor:
+def blank_image(size: int, value: int = 128, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     """A uniform gray image through the same normalisation: the 'no information' baseline."""
-    return normalize(np.full((size, size, 3), value, dtype=np.uint8))
+    return normalize(np.full((size, size, 3), value, dtype=np.uint8), mean, std)
+
+
+def blank_like(inputs: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD, value: int = 128) -> torch.Tensor:
+    """Uniform gray in the shape of a batch's image inputs: ViT inputs [n, 3, H, W], or raw
+    patches [n, 3 * p * p] (channel-last pixels), so a blank image keeps the layout it replaces."""
+    gray = normalize(np.full((1, 1, 3), value, dtype=np.uint8), mean, std).reshape(3).to(inputs.device, inputs.dtype)
+    if inputs.dim() == 2:
+        return gray.repeat(inputs.shape[1] // 3).expand(inputs.shape[0], -1).contiguous()
+    return gray.view(1, 3, 1, 1).expand_as(inputs).contiguous()
 
 
 class PILBackend:
     name = "pil"
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int | None, mean=CLIP_MEAN, std=CLIP_STD):
+        self.size, self.mean, self.std = size, tuple(mean), tuple(std)
 
     def decode(self, items: list[tuple[bytes, ImageAug, str, str]]) -> list[torch.Tensor | BadSample]:
         out = []
         for data, aug, sample_id, source in items:
             try:
-                out.append(pil_preprocess(data, self.size, aug, sample_id, source))
+                out.append(pil_preprocess(data, self.size, aug, sample_id, source, self.mean, self.std))
             except BadSample as err:
                 out.append(err)
         return out
@@ -134,26 +161,29 @@ class DALIBackend:
     ``device="gpu"`` decodes with nvJPEG (DALI's "mixed" decoder) on GPU ``device_id`` — the
     local rank's own device, so ranks never share one GPU's decoder — and returns CUDA tensors.
     A batch DALI cannot decode falls back to PIL image by image, so a corrupt file is skipped
-    and counted like on the PIL path. Tiled images (dynamic resolution) are cut into tiles on the
-    PIL path too; ``fallbacks`` counts both kinds, and the first of each is logged.
+    and counted like on the PIL path. Tiled images (dynamic resolution) are cut into tiles, and
+    raw patch inputs at their own sizes cut into patches, on the PIL path too; ``fallbacks``
+    counts each kind, and the first of each is logged.
     """
 
     name = "dali"
 
-    def __init__(self, size: int, device: str = "cpu", num_threads: int = 2, max_batch: int = 64,
-                 device_id: int | None = None):
+    def __init__(self, size: int | None, device: str = "cpu", num_threads: int = 2, max_batch: int = 64,
+                 device_id: int | None = None, mean=CLIP_MEAN, std=CLIP_STD):
         import nvidia.dali  # noqa: F401  (fail here, with the import error, when DALI is absent)
 
         self.size, self.device, self.num_threads, self.max_batch = size, device, num_threads, max_batch
+        self.mean, self.std = tuple(mean), tuple(std)
         self.device_id = (device_id if device_id is not None else 0) if device == "gpu" else None
         self.pipe = None
-        self.fallback = PILBackend(size)
-        self.fallbacks = {"tiled": 0, "undecodable": 0}
+        self.fallback = PILBackend(size, mean, std)
+        self.fallbacks = {"tiled": 0, "patches": 0, "undecodable": 0}
 
     def _fall_back(self, kind: str, items: list) -> list:
         if not self.fallbacks[kind]:
-            why = ("tiled images are cut into tiles with PIL" if kind == "tiled"
-                   else "DALI could not decode a batch")
+            why = {"tiled": "tiled images are cut into tiles with PIL",
+                   "patches": "images at their own resolution are cut into patches with PIL"}.get(
+                kind, "DALI could not decode a batch")
             log.warning("image decoding: %s; counting such images as data/pil_fallback_%s", why, kind)
         self.fallbacks[kind] += len(items)
         return self.fallback.decode(items)
@@ -177,7 +207,8 @@ class DALIBackend:
             images = fn.resize(images, size=[size, size], roi_start=box_start, roi_end=box_end, roi_relative=False,
                                interp_type=types.INTERP_CUBIC, antialias=True)
             images = fn.brightness_contrast(images, brightness=brightness, contrast=contrast, contrast_center=128.0)
-            return fn.crop_mirror_normalize(images, mirror=mirror, mean=list(_MEAN), std=list(_STD),
+            return fn.crop_mirror_normalize(images, mirror=mirror, mean=list(_scaled(self.mean)),
+                                            std=list(_scaled(self.std)),
                                             output_layout="CHW", dtype=types.FLOAT)
 
         self.pipe = clip_pipeline()
@@ -210,8 +241,8 @@ class DALIBackend:
         results: list = [None] * len(items)
         good = []
         for i, (data, aug, sample_id, source) in enumerate(items):
-            if aug.tiles is not None:
-                results[i] = self._fall_back("tiled", [items[i]])[0]
+            if aug.tiles is not None or aug.patch_size is not None:
+                results[i] = self._fall_back("tiled" if aug.tiles is not None else "patches", [items[i]])[0]
                 continue
             try:
                 good.append((i, image_size(data, sample_id, source)))
@@ -229,16 +260,18 @@ class DALIBackend:
         return results
 
 
-def make_backend(name: str, size: int, num_threads: int = 2, device_id: int | None = None):
+def make_backend(name: str, size: int | None, num_threads: int = 2, device_id: int | None = None,
+                 mean=CLIP_MEAN, std=CLIP_STD):
     """'pil', 'dali' (CPU pipeline, or nvJPEG when CUDA is present), or 'auto': DALI's nvJPEG on
-    GPUs when DALI is installed, PIL otherwise. ``device_id``: this rank's GPU."""
+    GPUs when DALI is installed, PIL otherwise. ``device_id``: this rank's GPU; ``mean``/``std``:
+    the model's pixel normalisation; ``size``: the ViT's input side (None: raw patch inputs)."""
     device = "gpu" if torch.cuda.is_available() else "cpu"
     if name == "dali" or (name == "auto" and device == "gpu"):
         try:
-            return DALIBackend(size, device, num_threads, device_id=device_id)
+            return DALIBackend(size, device, num_threads, device_id=device_id, mean=mean, std=std)
         except ImportError:
             if name == "dali":
                 raise ImportError("data.image_backend: dali needs nvidia-dali (pip install nvidia-dali-cuda130)") from None
     if name in ("pil", "auto"):
-        return PILBackend(size)
+        return PILBackend(size, mean, std)
     raise ValueError(f"unknown image backend {name!r} (pil, dali, auto)")

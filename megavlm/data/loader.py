@@ -108,11 +108,12 @@ class LoaderConfig:
     seq_length: int
     micro_batch_size: int
     pad_id: int
-    image_size: int
+    image_size: int | tuple      # the ViT's input side, or the shape of one raw patch input (data/collate.py)
     packing: bool = False
     workers: int = 0
     prefetch: bool = True
     collate: str = "lm"          # "lm": token ids + labels; "text": the Q-Former's image-text pairs
+    prefix_lm: bool = False      # batches carry each sample's prefix length (prefix-LM attention)
 
 
 class StepLoader:
@@ -137,9 +138,10 @@ class StepLoader:
         if c.collate == "text":
             batches = text_batches(examples, c.micro_batch_size, len(micro), c.seq_length, c.pad_id, c.image_size)
         elif c.packing:
-            batches = packed_batches(examples, c.seq_length, c.pad_id, c.image_size)
+            batches = packed_batches(examples, c.seq_length, c.pad_id, c.image_size, c.prefix_lm)
         else:
-            batches = padded_batches(examples, c.micro_batch_size, len(micro), c.seq_length, c.pad_id, c.image_size)
+            batches = padded_batches(examples, c.micro_batch_size, len(micro), c.seq_length, c.pad_id, c.image_size,
+                                     c.prefix_lm)
         return batches, skipped, copy.deepcopy(self.sampler.state)
 
     def _start(self):

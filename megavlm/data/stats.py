@@ -52,7 +52,7 @@ def dataset_statistics(recipe, max_records: int = 2000) -> DataStats:
     stats = DataStats(samples=len(dataset), mean_tokens=None, mean_images=None)
     if not data.tokenizer or not Path(data.tokenizer).exists():
         return stats
-    tok = load_tokenizer(data.tokenizer, data.added_tokens)
+    tok = load_tokenizer(data.tokenizer, data.added_tokens, data.image_piece, require_image_token=model.head != "contrastive")
     encoder = encoder_for(model, tok, data.template)
     stride = max(1, len(dataset) // max_records)
     tokens = images = 0

@@ -109,7 +109,7 @@ class ConversationEncoder:
     ``notes``), "skip" raises ``UnrepresentableText``."""
 
     def __init__(self, tokenizer, template: ChatTemplate, tokens_per_image: int, image_token_id: int,
-                 unrepresentable: str = "train"):
+                 unrepresentable: str = "train", image_layout=None):
         if unrepresentable not in UNREPRESENTABLE_POLICIES:
             raise ValueError(f"unrepresentable={unrepresentable!r}; known: {', '.join(UNREPRESENTABLE_POLICIES)}")
         self.tok = tokenizer
@@ -117,9 +117,13 @@ class ConversationEncoder:
         self.tokens_per_image = tokens_per_image
         self.image_token_id = image_token_id
         self.unrepresentable = unrepresentable
+        self.image_layout = image_layout   # the layout an image planner gave -> its ids (raw patch grids)
 
-    def image_ids(self, views: int = 1) -> list[int]:
-        """The image-token positions of one image that reaches the ViT as ``views`` inputs (tiles)."""
+    def image_ids(self, views=1) -> list[int]:
+        """The image-token positions of one image: ``views`` ViT inputs (tiles) of the model's
+        tokens each, or, with an ``image_layout``, whatever ids that gives the image's planned layout."""
+        if self.image_layout is not None:
+            return self.image_layout(views)
         return [self.image_token_id] * (self.tokens_per_image * views)
 
     def _text(self, text: str, views) -> list[int]:

@@ -17,7 +17,7 @@ END_OF_CHUNK = "<|endofchunk|>"   # Flamingo: closes the text that belongs to an
 
 class SentencePieceTokenizer:
     def __init__(self, path: str | Path, added_tokens: list[str] | tuple[str, ...] = (),
-                 require_image_token: bool = True):
+                 image_piece: str | None = None, require_image_token: bool = True):
         import sentencepiece as spm
 
         path = Path(path)
@@ -33,10 +33,11 @@ class SentencePieceTokenizer:
         self.added = {token: base + i for i, token in enumerate(added_tokens)}
         self._added_by_id = {i: t for t, i in self.added.items()}
         self._split = re.compile("(" + "|".join(map(re.escape, added_tokens)) + ")") if added_tokens else None
-        image = self.token_id(IMAGE_TOKEN)
+        image = self.token_id(image_piece or IMAGE_TOKEN)
         if image is None and require_image_token:
-            raise ValueError(f"tokenizer {path} has no '{IMAGE_TOKEN}' piece: list it in data.added_tokens (appended "
-                             f"after the {base} pieces), or train the model with user_defined_symbols=['{IMAGE_TOKEN}']")
+            raise ValueError(f"tokenizer {path} has no '{image_piece or IMAGE_TOKEN}' piece: list it in "
+                             f"data.added_tokens (appended after the {base} pieces), or train the model with "
+                             f"user_defined_symbols=['{IMAGE_TOKEN}']")
         self.image_token_id = image
 
     def _piece_id(self, piece: str) -> int | None:
@@ -112,7 +113,7 @@ class HFTokenizer:
     it when there is one. ``added_tokens`` missing from the file are added after its vocabulary."""
 
     def __init__(self, path: str | Path, added_tokens: list[str] | tuple[str, ...] = (),
-                 require_image_token: bool = True):
+                 image_piece: str | None = None, require_image_token: bool = True):
         import json
 
         from tokenizers import Tokenizer
@@ -133,9 +134,10 @@ class HFTokenizer:
         if self._eos is None:
             raise ValueError(f"{path}: no eos_token in {config_file.name} and no <|endoftext|> token")
         self._pad = self._special(config, "pad_token")
-        image = self.token_id(IMAGE_TOKEN)
+        image = self.token_id(image_piece or IMAGE_TOKEN)
         if image is None and require_image_token:
-            raise ValueError(f"tokenizer {path} has no '{IMAGE_TOKEN}' token: list it in data.added_tokens")
+            raise ValueError(f"tokenizer {path} has no '{image_piece or IMAGE_TOKEN}' token: list it in "
+                             f"data.added_tokens")
         self.image_token_id = image
 
     def _special(self, config: dict, key: str) -> int | None:
@@ -194,12 +196,13 @@ class HFTokenizer:
         return self.tk.token_to_id(piece)
 
 
-def load_tokenizer(path: str | Path, added_tokens: list[str] | tuple[str, ...] = (),
+def load_tokenizer(path: str | Path, added_tokens: list[str] | tuple[str, ...] = (), image_piece: str | None = None,
                    require_image_token: bool = True):
-    """A sentencepiece model file, or a tokenizer.json (or a directory holding one).
-    ``require_image_token``: a VLM's tokenizer must have ``<image>`` (a contrastive model's need
-    not; its ``image_token_id`` is then None)."""
+    """A sentencepiece model file, or a tokenizer.json (or a directory holding one). ``image_piece``:
+    the tokenizer's own piece for image positions when it is not <image> (Fuyu-8B: |SPEAKER|).
+    ``require_image_token``: a VLM's tokenizer must have it (a contrastive model's need not; its
+    ``image_token_id`` is then None)."""
     path = Path(path)
     if path.suffix == ".json" or (path.is_dir() and (path / "tokenizer.json").is_file()):
-        return HFTokenizer(path, added_tokens, require_image_token)
-    return SentencePieceTokenizer(path, added_tokens, require_image_token)
+        return HFTokenizer(path, added_tokens, image_piece, require_image_token)
+    return SentencePieceTokenizer(path, added_tokens, image_piece, require_image_token)

@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 
 from megavlm.data.augment import ImageAug
-from megavlm.data.build import encoder_for
-from megavlm.data.images import PILBackend, blank_image
+from megavlm.data.build import encoder_for, image_backend
+from megavlm.data.collate import image_inputs
+from megavlm.data.images import blank_like
 from megavlm.data.templates import BadSample, get_template
 from megavlm.data.tokenizer import IMAGE_TOKEN
 from megavlm.eval.benchmarks import Benchmark, BenchmarkError, Sample, get_benchmark
@@ -83,7 +84,7 @@ class _Prompter:
     def __init__(self, ctx, template: str, max_new_tokens: int):
         self.ctx, self.max_new_tokens = ctx, max_new_tokens
         self.encoder = encoder_for(ctx.model_cfg, ctx.tokenizer, template)
-        self.backend = PILBackend(ctx.model_cfg.vision.image_size)
+        self.backend = image_backend(ctx.model_cfg)
 
     def __call__(self, sample: Sample):
         data, aug, views = _image_bytes(sample), ImageAug(), 1
@@ -95,7 +96,7 @@ class _Prompter:
         pixels = self.backend.decode([(data, aug, sample.sample_id, "benchmark image")])[0]
         if isinstance(pixels, BadSample):
             raise pixels
-        return prompt, pixels.reshape(-1, *pixels.shape[-3:])
+        return prompt, image_inputs(pixels)
 
 
 def end_of_answer_ids(tokenizer, template: str) -> set[int]:
@@ -116,7 +117,7 @@ def answer_share(ctx, loaded: LoadedBenchmark, indices: list[int], template: str
     sampling = SamplingConfig(max_new_tokens=bench.max_new_tokens)
     eos = end_of_answer_ids(ctx.tokenizer, template)
     out = Answered()
-    size = ctx.model_cfg.vision.image_size
+    cfg = ctx.model_cfg
     for start in range(0, len(indices), ctx.micro_batch_size):
         rows, prompts, pixels = [], [], []
         for index in indices[start: start + ctx.micro_batch_size]:
@@ -127,10 +128,10 @@ def answer_share(ctx, loaded: LoadedBenchmark, indices: list[int], template: str
                 continue
             rows.append(index)
             prompts.append(prompt)
-            pixels.append(blank_image(size).expand(image.shape[0], -1, -1, -1) if blank else image)
+            pixels.append(blank_like(image, cfg.image_mean, cfg.image_std) if blank else image)
         if rows:
             texts = generate(ctx.model_chunks, prompts, torch.cat(pixels), [p.shape[0] for p in pixels], ctx.head,
-                             ctx.tokenizer, sampling, eos_ids=eos, banned=[ctx.model_cfg.image_token_id],
+                             ctx.tokenizer, sampling, eos_ids=eos, banned=ctx.model_cfg.placeholder_ids,
                              seeds=rows)
             out.answers.update({i: g.text for i, g in zip(rows, texts)})
         if progress is not None:

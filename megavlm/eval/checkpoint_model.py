@@ -44,7 +44,7 @@ def load_eval_model(ckpt: str | Path, recipe: Recipe, parallel: ParallelConfig, 
         apply_stage(model, recipe.stage)
     load_model(model, path, partial=recipe.checkpoint.trainable_only)
     set_train_mode(model, False)
-    tokenizer = load_tokenizer(recipe.data.tokenizer, recipe.data.added_tokens,
+    tokenizer = load_tokenizer(recipe.data.tokenizer, recipe.data.added_tokens, recipe.data.image_piece,
                                require_image_token=model_cfg.head != "contrastive")
     head = lm_head(model_cfg, pgs.tp, model.output_weight if ctx.is_last_stage else None) if model_cfg.head == "lm" \
         else None

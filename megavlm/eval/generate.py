@@ -7,6 +7,11 @@ position per step for the whole batch; a row still inside its (longer) prompt ta
 prompt token instead of the sampled one, so right-padded prompts of different lengths need no
 attention mask and give the tokens a full recomputation gives. The last stage picks the next
 tokens and shares them with the other stages.
+
+Prefix-LM models (``model.prefix_lm``) attend bidirectionally over the whole prompt: the
+recomputing path gives each row its prompt length as its prefix; with the KV cache the prompts
+run in groups of one length, each prefilled whole with bidirectional attention, after which every
+generated token attends to everything before it (the cache).
 """
 from __future__ import annotations
 
@@ -248,16 +253,44 @@ def generate(model_chunks: list, prompts: list[list[int]], images: torch.Tensor 
     if max(len(p) for p in prompts) >= limit:
         raise ValueError(f"a prompt of {max(len(p) for p in prompts)} tokens leaves no room to generate within the "
                          f"model's max_seq_len {limit}")
-    state = _Batch(prompts, total, tokenizer.pad_id, device)
-    generators = [torch.Generator().manual_seed(cfg.seed + (seeds[i] if seeds else i)) for i in range(len(prompts))]
     per_sample = torch.as_tensor(images_per_sample if images_per_sample is not None else [0] * len(prompts),
                                  dtype=torch.long)
     images = images if images is not None else torch.zeros(0, 3, 1, 1)
+    seeds = list(seeds) if seeds else list(range(len(prompts)))
     run = _cached if cfg.use_cache and supports_kv_cache(model_chunks) else _uncached
+    if run is _cached and inner.model_config.prefix_lm and len(set(map(len, prompts))) > 1:
+        return _by_prompt_length(model_chunks, prompts, images, per_sample, head, tokenizer, cfg, eos_ids, banned,
+                                 seeds)
+    state = _Batch(prompts, total, tokenizer.pad_id, device)
+    generators = [torch.Generator().manual_seed(cfg.seed + seed) for seed in seeds]
     run(model_chunks, state, images.to(device), per_sample.to(device), head, tokenizer, cfg, eos_ids, list(banned),
         generators)
     return [Generation(tokens, state.texts[i] if state.reasons[i] == "stop" else tokenizer.decode(tokens),
                        state.reasons[i] or "length") for i, tokens in enumerate(state.generated)]
+
+
+def _by_prompt_length(model_chunks, prompts, images, per_sample, head, tokenizer, cfg, eos_ids, banned, seeds):
+    """Prefix-LM with the KV cache: one generation per prompt length (each prefilled whole),
+    answers back in prompt order. Every rank forms the same groups."""
+    starts = torch.cat([per_sample.new_zeros(1), per_sample.cumsum(0)]).tolist()
+    groups: dict[int, list[int]] = {}
+    for row, prompt in enumerate(prompts):
+        groups.setdefault(len(prompt), []).append(row)
+    answers: list = [None] * len(prompts)
+    for rows in groups.values():
+        group_images = [images[starts[r]:starts[r + 1]] for r in rows]
+        out = generate(model_chunks, [prompts[r] for r in rows], torch.cat(group_images), per_sample[rows].tolist(),
+                       head, tokenizer, cfg, eos_ids, banned, [seeds[r] for r in rows])
+        for row, answer in zip(rows, out):
+            answers[row] = answer
+    return answers
+
+
+def _prefix_inputs(inner, state: "_Batch") -> dict:
+    """Recomputing path: a prefix-LM model's prefix is each row's prompt."""
+    if not inner.model_config.prefix_lm:
+        return {}
+    return {"prefix_lengths": torch.tensor(state.lengths, dtype=torch.long, device=state.device)}
 
 
 def _picker(head, cfg, generators, banned, active, rows_at=None):
@@ -279,11 +312,12 @@ def _uncached(model_chunks, state: _Batch, images, per_sample, head, tokenizer, 
     position = min(state.lengths) - 1
     current = {"pos": None}
     pick = _picker(head, cfg, generators, banned, lambda: state.active(position), rows_at=lambda: current["pos"])
+    prefix = _prefix_inputs(_unwrap(model_chunks[0]), state)
     while position + 1 < state.tokens.shape[1]:
         ids = torch.full((state.tokens.shape[0], length), tokenizer.pad_id, dtype=torch.long)
         ids[:, : state.tokens.shape[1]] = state.tokens
         current["pos"] = torch.full((ids.shape[0],), position, device=state.device)
-        inputs = {"input_ids": ids.to(state.device), "images": images, "images_per_sample": per_sample}
+        inputs = {"input_ids": ids.to(state.device), "images": images, "images_per_sample": per_sample, **prefix}
         next_ids = _step(model_chunks, inputs, length, ids.shape[0], pick, {})
         state.accept(position, next_ids, eos_ids, cfg.stop, tokenizer.decode)
         if state.finished(cfg.max_new_tokens):
@@ -307,10 +341,12 @@ def _cached(model_chunks, state: _Batch, images, per_sample, head, tokenizer, cf
     start, end = 0, min(state.lengths)
     pick = _picker(head, cfg, generators, banned, lambda: state.active(end - 1))
     while True:
-        inputs = {}
+        inputs, forward_kwargs = {}, {"inference_context": context}
         if inner.pre_process:
             inputs["decoder_input"] = _step_embeddings(inner, state, prompt_embeds, in_prompt, start, end)
-        next_ids = _step(model_chunks, inputs, end - start, rows, pick, {"inference_context": context})
+        if start == 0 and inner.model_config.prefix_lm:   # the prompts (all of one length): bidirectional
+            forward_kwargs["attention_mask"] = torch.zeros(rows, 1, end, end, dtype=torch.bool, device=state.device)
+        next_ids = _step(model_chunks, inputs, end - start, rows, pick, forward_kwargs)
         context.sequence_len_offset += end - start
         state.accept(end - 1, next_ids, eos_ids, cfg.stop, tokenizer.decode)
         if state.finished(cfg.max_new_tokens) or end >= total:

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import torch
 
 from megavlm.data.augment import ImageAug
-from megavlm.data.build import encoder_for, open_eval_source
-from megavlm.data.collate import pad_micro_batch
+from megavlm.data.build import encoder_for, image_backend, image_input_size, open_eval_source
+from megavlm.data.collate import image_inputs, pad_micro_batch
 from megavlm.data.examples import Example, ExampleBuilder
-from megavlm.data.images import PILBackend, blank_image
+from megavlm.data.images import blank_like
 from megavlm.data.loader import load_examples
 from megavlm.data.templates import BadSample, shifted_labels
 from megavlm.eval.generate import SamplingConfig, generate, token_accuracy
@@ -27,16 +27,15 @@ class EvalContext:
     micro_batch_size: int
     device: torch.device
     end_of_chunk: str | None = None   # interleaved text: the marker after each chunk (data.end_of_chunk)
-    tiler: object = None              # data/tiles.py TilePlanner when images are tiled (data.max_tiles)
+    tiler: object = None              # image layout planner: InternVL tiles or raw patch grids (data/build.py)
 
 
 def _to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _with_blank_images(batch: dict, size: int) -> dict:
-    n = batch["images"].shape[0]
-    return dict(batch, images=blank_image(size).expand(n, -1, -1, -1).contiguous().to(batch["images"].device))
+def _with_blank_images(batch: dict, model_cfg) -> dict:
+    return dict(batch, images=blank_like(batch["images"], model_cfg.image_mean, model_cfg.image_std))
 
 
 def eval_micro_batches(ctx: EvalContext, source, template: str, limit: int) -> list[dict]:
@@ -45,21 +44,21 @@ def eval_micro_batches(ctx: EvalContext, source, template: str, limit: int) -> l
     cfg = ctx.model_cfg
     builder = ExampleBuilder(encoder_for(cfg, ctx.tokenizer, template), ctx.seq_length, end_of_chunk=ctx.end_of_chunk,
                              tiler=ctx.tiler)
-    examples, _ = load_examples(source, builder, PILBackend(cfg.vision.image_size), list(range(min(limit, len(source)))), 0)
+    examples, _ = load_examples(source, builder, image_backend(cfg), list(range(min(limit, len(source)))), 0)
     return _padded(ctx, examples)
 
 
 def _padded(ctx: EvalContext, examples: list) -> list[dict]:
     mbs = ctx.micro_batch_size
     return [_to_device(pad_micro_batch(examples[i:i + mbs], mbs, ctx.seq_length, ctx.tokenizer.pad_id,
-                                       ctx.model_cfg.vision.image_size), ctx.device)
+                                       image_input_size(ctx.model_cfg), ctx.model_cfg.prefix_lm), ctx.device)
             for i in range(0, len(examples), mbs)]
 
 
 def teacher_forced(ctx: EvalContext, source, template: str, limit: int, blank: bool) -> dict:
     batches = eval_micro_batches(ctx, source, template, limit)
     if blank:
-        batches = [_with_blank_images(b, ctx.model_cfg.vision.image_size) for b in batches]
+        batches = [_with_blank_images(b, ctx.model_cfg) for b in batches]
     samples = sum(len(b["sample_ids"]) for b in batches)
     return dict(token_accuracy(ctx.model_chunks, batches, ctx.head, ctx.seq_length), samples=samples)
 
@@ -68,7 +67,7 @@ def _vqa_items(ctx: EvalContext, source, template: str, limit: int) -> list[dict
     """First question of each conversation: its prompt ids, the reference answer, decoded images."""
     cfg = ctx.model_cfg
     encoder = encoder_for(cfg, ctx.tokenizer, template)
-    backend = PILBackend(cfg.vision.image_size)
+    backend = image_backend(cfg)
     items = []
     for index in range(min(limit, len(source))):
         try:
@@ -86,7 +85,7 @@ def _vqa_items(ctx: EvalContext, source, template: str, limit: int) -> list[dict
         pixels = backend.decode([(d, aug, record.sample_id, src) for d, aug, src in data])
         if len(prompt) + 8 > ctx.seq_length or any(isinstance(p, BadSample) for p in pixels):
             continue
-        items.append({"prompt": prompt, "answer": answer, "images": [t.reshape(-1, *t.shape[-3:]) for t in pixels],
+        items.append({"prompt": prompt, "answer": answer, "images": [image_inputs(t) for t in pixels],
                       "data": [d for d, _, _ in data], "sample_id": record.sample_id})
     return items
 
@@ -98,16 +97,17 @@ def _normalize_answer(text: str) -> str:
 def _answers(ctx: EvalContext, items: list[dict], max_new_tokens: int, blank: bool) -> list[str]:
     """Greedy answers to each item's prompt (with its images, or blank ones)."""
     cfg = ctx.model_cfg
-    size, mbs = cfg.vision.image_size, ctx.micro_batch_size
-    # never <image>, nor the vocabulary rows past the tokenizer's pieces (nothing decodes them)
-    banned = [cfg.image_token_id, *range(ctx.tokenizer.vocab_size, cfg.language.vocab_size)]
+    mbs = ctx.micro_batch_size
+    # never a placeholder (<image>, image-newline), nor the vocabulary rows past the tokenizer's
+    # pieces (nothing decodes them)
+    banned = [*cfg.placeholder_ids, *range(ctx.tokenizer.vocab_size, cfg.language.vocab_size)]
     answers = []
     for start in range(0, len(items), mbs):
         chunk = items[start: start + mbs]
         images = [img for item in chunk for img in item["images"]]
-        pixel = torch.cat(images) if images else torch.zeros(0, 3, size, size)
+        pixel = torch.cat(images) if images else None
         if blank and images:
-            pixel = blank_image(size).expand(pixel.shape[0], -1, -1, -1).contiguous()
+            pixel = blank_like(pixel, cfg.image_mean, cfg.image_std)
         per_sample = [sum(t.shape[0] for t in i["images"]) for i in chunk]
         outputs = generate(ctx.model_chunks, [i["prompt"] for i in chunk], pixel, per_sample, ctx.head, ctx.tokenizer,
                            SamplingConfig(max_new_tokens=max_new_tokens), banned=banned)
@@ -143,9 +143,9 @@ def _few_shot_examples(ctx: EvalContext, source, shots: int, limit: int) -> list
     """Query i: ``shots`` other image-caption pairs of ``source`` (the next ones, cyclically),
     then image i and its caption, in the interleaved layout the model trained on:
     ``<bos> <image> caption <eoc> ... <image> caption <eoc>``; labels on the query caption only."""
-    tok, image_token = ctx.tokenizer, ctx.model_cfg.image_token_id
+    tok, encoder = ctx.tokenizer, encoder_for(ctx.model_cfg, ctx.tokenizer, "plain")
     end = tok.encode_marker(ctx.end_of_chunk) if ctx.end_of_chunk else []
-    backend = PILBackend(ctx.model_cfg.vision.image_size)
+    backend = image_backend(ctx.model_cfg)
     examples = []
     for index in range(min(limit, len(source))):
         picks = [(index + 1 + j) % len(source) for j in range(shots)] + [index]
@@ -155,10 +155,13 @@ def _few_shot_examples(ctx: EvalContext, source, shots: int, limit: int) -> list
             for n, pick in enumerate(picks):
                 record = source[pick]
                 ref, caption = record.images[0], record.turns[0][1]
-                piece = tok.encode(caption) + end
-                ids += [image_token] * ctx.model_cfg.image_tokens + piece
-                supervised += [False] * ctx.model_cfg.image_tokens + [n == shots] * len(piece)
-                images.append((ref.read(record.sample_id), ImageAug(), record.sample_id, ref.source))
+                data, aug, view = ref.read(record.sample_id), ImageAug(), 1
+                if ctx.tiler is not None:
+                    aug, view = ctx.tiler.plan(data, aug, record.sample_id, ref.source)
+                piece, image = tok.encode(caption) + end, encoder.image_ids(view)
+                ids += image + piece
+                supervised += [False] * len(image) + [n == shots] * len(piece)
+                images.append((data, aug, record.sample_id, ref.source))
         except BadSample:
             continue
         pixels = backend.decode(images)
@@ -173,9 +176,9 @@ def few_shot_captioning(ctx: EvalContext, source, shots: int, limit: int, blank:
     """Teacher-forced token accuracy on the query caption; ``blank``: the query image (only) blank."""
     examples = _few_shot_examples(ctx, source, shots, limit)
     if blank:
-        query = blank_image(ctx.model_cfg.vision.image_size)
+        cfg = ctx.model_cfg
         for ex in examples:
-            ex.pixels[-1] = query
+            ex.pixels[-1] = blank_like(ex.pixels[-1], cfg.image_mean, cfg.image_std)
     return dict(token_accuracy(ctx.model_chunks, _padded(ctx, examples), ctx.head, ctx.seq_length),
                 samples=len(examples))
 

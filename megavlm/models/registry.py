@@ -73,7 +73,27 @@ def _clip() -> Family:
                   other_hf_model_types=("siglip",))
 
 
-_FAMILIES = {"llava": _llava, "blip2": _blip2, "flamingo": _flamingo, "internvl": _internvl, "clip": _clip}
+def _fuyu() -> Family:
+    from megavlm.models import fuyu
+    from megavlm.models.fuyu import state_dict_adapter as adapter
+    from megavlm.models.fuyu.model import FuyuModel
+
+    return Family("fuyu", fuyu.FLAVORS, FuyuModel, adapter.FuyuStateDictAdapter, adapter.config_from_hf,
+                  adapter.config_to_hf, adapter.ARCHITECTURE, "fuyu", adapter.complete_for_hf, adapter.hf_inputs)
+
+
+def _paligemma() -> Family:
+    from megavlm.models import paligemma
+    from megavlm.models.paligemma import state_dict_adapter as adapter
+    from megavlm.models.paligemma.model import PaliGemmaModel
+
+    return Family("paligemma", paligemma.FLAVORS, PaliGemmaModel, adapter.PaliGemmaStateDictAdapter,
+                  adapter.config_from_hf, adapter.config_to_hf, adapter.ARCHITECTURE, "paligemma",
+                  adapter.complete_for_hf, adapter.hf_inputs)
+
+
+_FAMILIES = {"llava": _llava, "blip2": _blip2, "flamingo": _flamingo, "internvl": _internvl, "clip": _clip,
+             "fuyu": _fuyu, "paligemma": _paligemma}
 
 
 def get_family(name: str) -> Family:

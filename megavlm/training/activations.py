@@ -14,8 +14,8 @@ else 1):
               + 4n/T [log-sum-exp]; flash-style attention keeps no s x s scores
   QK-norm     InternViT: (2n·d·e, + 2n·d·e when its weight trains, + 8) / T
   LayerScale  InternViT: 2h·e / S when the scales train
-  MLP         SwiGLU 4f·e/T, GELU f·e/T, quick-GELU 2f·e/T, ReLU f·e/T; + f·e/T (the FC2
-              input) when the weights train (ReLU: already counted)
+  MLP         SwiGLU / GeGLU 4f·e/T, GELU f·e/T, quick-GELU 2f·e/T, ReLU f·e/T, squared ReLU
+              2f·e/T; + f·e/T (the FC2 input) when the weights train (ReLU: already counted)
   recompute   full: only each layer's input, h·e / S, is kept; one layer's tensors are rebuilt
               at a time in the backward (the estimate's ``working_set``). Only layers whose
               weights train recompute: a frozen one runs in eval mode, where megatron-core does not
@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from megavlm.config.model import ModelConfig
 
 # (bytes per FFN element saved by the activation, FC2 input extra when the weights train)
-_MLP_SAVES = {"swiglu": (4, 1), "gelu": (1, 1), "quick_gelu": (2, 1), "relu": (1, 0)}
+_MLP_SAVES = {"swiglu": (4, 1), "geglu": (4, 1), "gelu": (1, 1), "gelu_tanh": (1, 1), "quick_gelu": (2, 1),
+              "relu": (1, 0), "squared_relu": (2, 1)}
 _NORM_STATS = {"RMSNorm": 4, "LayerNorm": 8}
 
 
@@ -133,6 +134,8 @@ def _connector_bytes(cfg: ModelConfig, at: Placement, images: int, trains: bool,
     transformer layers over their queries/latents (+ the image tokens they attend to as keys)."""
     if not (trains or grads_pass):
         return 0.0
+    if cfg.vision is None:   # raw patches (``images`` counts them): the projection keeps its input to train
+        return images * cfg.patches.patch_dim * at.dtype_bytes if trains else 0.0
     e, v, h = at.dtype_bytes, cfg.vision, cfg.language.hidden_size
     vit_tokens = v.num_patches + (1 if v.class_token else 0)
     kind = cfg.connector.type

@@ -42,7 +42,7 @@ def build_harness(cfg, stage, batch: int, seq: int, dtype: torch.dtype, lr: floa
     opt_cfg = OptimizerConfig(lr=lr)
     mcfg = megatron_optimizer_config(opt_cfg, dtype)
     optimizer = get_megatron_optimizer(mcfg, [ddp], config_overrides=optimizer_groups(
-        stage, opt_cfg, mcfg, cfg.vision.layers_to_build))
+        stage, opt_cfg, mcfg, cfg.vision_layers))
     batches = synthetic_batches(cfg, batch, seq, micro_batch_size=batch, seed=0, image_pattern=(images_per_sample,),
                                 device=ctx.device, fill=fill)
     loss_fn = lm_loss_fn(lm_head(cfg, pinit.process_groups().tp, model.output_weight))

@@ -11,6 +11,7 @@ trainable before it runs forward only (megavlm runs it without autograd).
   llm_attn    = 2·s·n·d per layer (causal: half of the 4·s·n·d of full attention)
   vit_token   = 2h·3h + 2h·h + 2h·f·2 per layer, attention 4·t·h per layer, patch embedding 2·3p²·h
   connector   = 2(h_v·h + h·h) per image token (MLP), 2(4h_v·h + h·h) (pixel shuffle MLP), 2 h_v·h (linear)
+  raw patches 2·3p²·h per patch (Fuyu's projection; no vision encoder; ``images`` counts patches)
   Q-Former    per layer: 8q² + 4q·f per token and 4·(Q+L)·q attention per token over its Q queries +
               L text tokens; every cross_attention_freq-th layer the queries also cross-attend:
               4q² + 4·T·q per query and 4·h_v·q per image token (keys/values); + 2q·h per query
@@ -128,7 +129,7 @@ def _fusion_flops(cfg: ModelConfig, seq_length: int, images: float, trainable: b
     if cfg.flamingo is None:
         return 0.0
     lang = cfg.language
-    h, gated = lang.hidden_size, 3 if lang.activation == "swiglu" else 2
+    h, gated = lang.hidden_size, 3 if lang.gated else 2
     blocks = lang.num_layers // cfg.flamingo.cross_attention_interval
     media = images * cfg.media_tokens
     weights = blocks * (seq_length * (4 * h * h + 2 * h * lang.ffn_hidden_size * gated) + media * 4 * cfg.vision.hidden_size * h)
@@ -140,7 +141,7 @@ def _llm_flops(cfg: ModelConfig, seq_length: int, trainable: bool, grads_in: boo
     """(decoder layers, output layer) FLOPs of one sample."""
     lang = cfg.language
     h, f, n, g, d = lang.hidden_size, lang.ffn_hidden_size, lang.num_heads, lang.query_groups, lang.head_dim
-    gated = 3 if lang.activation == "swiglu" else 2
+    gated = 3 if lang.gated else 2
     per_token = lang.num_layers * (2 * h * (n * d + 2 * g * d) + 2 * n * d * h + 2 * h * f * gated)
     attention = lang.num_layers * 2 * seq_length * n * d
     layers = seq_length * (per_token * _multiplier(trainable, grads_in) + attention * _attention_multiplier(trainable, grads_in))
@@ -148,9 +149,13 @@ def _llm_flops(cfg: ModelConfig, seq_length: int, trainable: bool, grads_in: boo
 
 
 def sample_flops(cfg: ModelConfig, seq_length: int, images: float, trainable: set[str]) -> FlopsBreakdown:
-    """Training FLOPs of one sample of ``seq_length`` tokens carrying ``images`` images (BLIP-2's
+    """Training FLOPs of one sample of ``seq_length`` tokens carrying ``images`` images (or patches; BLIP-2's
     stage 1: ``seq_length`` text tokens for the Q-Former, no LLM)."""
     vis_train, conn_train, fusion_train = "vision" in trainable, "connector" in trainable, "fusion" in trainable
+    if cfg.vision is None:   # raw patches: one projection per patch, straight into the decoder
+        connector = images * 2 * cfg.patches.patch_dim * cfg.language.hidden_size * _multiplier(conn_train, False)
+        layers, head = _llm_flops(cfg, seq_length, "llm" in trainable, conn_train or "lora" in trainable)
+        return FlopsBreakdown(0.0, connector, layers, 0.0, head)
     vision = _vit_flops(cfg, images, vis_train)
     if cfg.head == "contrastive":
         return _contrastive(cfg, seq_length, images, trainable, vision)

@@ -44,7 +44,7 @@ def lm_loss_fn(head) -> LossFn:
 def model_inputs(batch: dict) -> dict:
     """The keyword arguments a model's forward takes from a batch."""
     keys = ("input_ids", "images", "images_per_sample", "position_ids", "attention_mask", "packed_seq_params",
-            "text_ids", "text_mask")
+            "text_ids", "text_mask", "prefix_lengths")
     return {k: batch[k] for k in keys if k in batch}
 
 

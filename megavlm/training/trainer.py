@@ -79,10 +79,10 @@ class Trainer:
         if not data.tokenizer:
             raise ConfigError("missing key 'data.tokenizer' in the recipe")
         contrastive = model.head == "contrastive"   # a text encoder: no <image> token
-        tok = load_tokenizer(data.tokenizer, data.added_tokens, require_image_token=not contrastive)
+        tok = load_tokenizer(data.tokenizer, data.added_tokens, data.image_piece, require_image_token=not contrastive)
         if not contrastive and tok.image_token_id != model.image_token_id:
             raise ConfigError(f"bad value for 'model.image_token_id': {model.image_token_id}, but the tokenizer "
-                              f"{data.tokenizer} maps <image> to {tok.image_token_id}")
+                              f"{data.tokenizer} maps {data.image_piece or '<image>'} to {tok.image_token_id}")
         if tok.vocab_size > model.language.vocab_size:
             raise ConfigError(f"bad value for 'model.language.vocab_size': {model.language.vocab_size} is smaller "
                               f"than the tokenizer's {tok.vocab_size} pieces ({data.tokenizer})")
@@ -151,7 +151,7 @@ class Trainer:
         opt = self.recipe.optimizer
         config = megatron_optimizer_config(opt, self.dtype)
         optimizer = get_megatron_optimizer(config, [self.ddp], config_overrides=optimizer_groups(
-            self.recipe.stage, opt, config, self.recipe.model.vision.layers_to_build))
+            self.recipe.stage, opt, config, self.recipe.model.vision_layers))
         warmup = opt.warmup_steps if opt.warmup_steps is not None else round((opt.warmup_ratio or 0.0) * self.total_steps)
         warmup = min(warmup, self.total_steps - 1)
         scheduler = OptimizerParamScheduler(

@@ -27,7 +27,7 @@ class Blip2StateDictAdapter(ShardedAdapter):
                                                               "itg_bias": model.qformer.vocab_size},
             first_stage_prefixes=("vision.", "qformer.", "language_projection.", "language_model.embedding.", "heads.",
                                   "itg_bias", "temp"),
-            gated_prefixes=("language_model.",) if model.language.activation == "swiglu" else ())
+            gated_prefixes=("language_model.",) if model.language.gated else ())
 
     @property
     def hf_decoder_layers(self) -> str | None:

@@ -10,6 +10,11 @@ CPUs — where neither that kernel nor FlexAttention's backward exists — one S
 samples gathered into a padded [samples, heads, longest, dim] batch with a key-length mask, so the
 cost is per sample (sum of l^2), not per row (t^2). ``reference_varlen_attention`` (one SDPA
 call per sample) is what both are tested against.
+
+Prefix-LM layers (``AttnMaskType.arbitrary``) take the mask their batch brings: a dense mask for
+padded rows, or, for packed rows, each segment's prefix length (models/common/prefix_lm.py):
+within a segment key j is visible to query i when j <= i or j < its prefix (the padded-batch path;
+flash varlen has no such mask).
 """
 from __future__ import annotations
 
@@ -65,8 +70,12 @@ class SDPAttention(MegatronModule):
         squeeze = query.dim() == 4
         if squeeze:
             query, key, value = (t.squeeze(1) for t in (query, key, value))
-        out = varlen_attention(query, key, value, params.cu_seqlens_q, params.cu_seqlens_kv, causal, self.softmax_scale,
-                               dropout, getattr(params, "max_seqlen_q", None), getattr(params, "max_seqlen_kv", None))
+        prefix = getattr(params, "prefix_lengths", None)
+        if self.attn_mask_type == AttnMaskType.arbitrary and prefix is None:
+            raise ValueError("a prefix-LM layer got packed rows without prefix lengths (PrefixPackedSeqParams)")
+        out = varlen_attention(query, key, value, params.cu_seqlens_q, params.cu_seqlens_kv,
+                               causal or prefix is not None, self.softmax_scale, dropout,
+                               getattr(params, "max_seqlen_q", None), getattr(params, "max_seqlen_kv", None), prefix)
         out = out.reshape(out.shape[0], -1)
         return out.unsqueeze(1) if squeeze else out
 
@@ -80,17 +89,20 @@ def _flash_varlen():
     return varlen_attn
 
 
-def varlen_attention(q, k, v, cu_q, cu_k, causal: bool, scale: float, dropout: float = 0.0, max_q=None, max_k=None):
+def varlen_attention(q, k, v, cu_q, cu_k, causal: bool, scale: float, dropout: float = 0.0, max_q=None, max_k=None,
+                     prefix_lengths=None):
     """q [t, hq, d], k/v [t, hk, d] (hq a multiple of hk); segment i is rows cu[i]:cu[i+1].
     Each segment attends to itself only (causally: key j <= query i, counted from the segment's
-    start). Rows after the last segment get zeros. One kernel call."""
-    flash = _flash_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not dropout else None
+    start; with ``prefix_lengths``, also every key j < prefix_lengths[i]). Rows after the last
+    segment get zeros. One kernel call."""
+    flash = (_flash_varlen() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not dropout
+             and prefix_lengths is None else None)
     if flash is not None:
         lengths_q, lengths_k = cu_q.diff(), cu_k.diff()
         out = flash(q, k, v, cu_q.int(), cu_k.int(), int(max_q or lengths_q.max()), int(max_k or lengths_k.max()),
                     scale=scale, window_size=(-1, 0) if causal else (-1, -1), enable_gqa=q.shape[1] != k.shape[1])
         return _zero_tail(out, int(cu_q[-1]))
-    return _padded_batch_attention(q, k, v, cu_q, cu_k, causal, scale, dropout)
+    return _padded_batch_attention(q, k, v, cu_q, cu_k, causal, scale, dropout, prefix_lengths)
 
 
 def _zero_tail(out: torch.Tensor, covered: int) -> torch.Tensor:
@@ -108,25 +120,30 @@ def _segments(cu: torch.Tensor):
     return rows, real
 
 
-def _padded_batch_attention(q, k, v, cu_q, cu_k, causal: bool, scale: float, dropout: float):
+def _padded_batch_attention(q, k, v, cu_q, cu_k, causal: bool, scale: float, dropout: float, prefix_lengths=None):
     keep = (cu_q.diff() > 0) & (cu_k.diff() > 0)   # empty segments would give all-masked rows (NaN)
     if not bool(keep.all()):
         cu_q = torch.cat([cu_q[:1], cu_q[1:][keep]])
         cu_k = torch.cat([cu_k[:1], cu_k[1:][keep]])
+        prefix_lengths = prefix_lengths[keep] if prefix_lengths is not None else None
     out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
     if cu_q.numel() < 2:
         return out
     rows_q, real_q = _segments(cu_q)
     rows_k, real_k = _segments(cu_k)
     qb, kb, vb = (t[rows].permute(0, 2, 1, 3) for t, rows in ((q, rows_q), (k, rows_k), (v, rows_k)))
-    if causal and torch.equal(cu_q, cu_k):
+    if causal and prefix_lengths is None and torch.equal(cu_q, cu_k):
         # Padding sits after each sample's tokens, so causality alone hides it from every real
         # query (the padded queries' outputs are dropped): no mask, SDPA's fastest kernels.
         mask = None
     else:
         mask = real_k[:, None, None, :]                               # [n, 1, 1, Lk]: True = attend
         if causal:
-            mask = mask & torch.ones(rows_q.shape[1], rows_k.shape[1], dtype=torch.bool, device=q.device).tril()
+            visible = torch.ones(rows_q.shape[1], rows_k.shape[1], dtype=torch.bool, device=q.device).tril()
+            if prefix_lengths is not None:   # [n, 1, Lq, Lk]: causal, or the key inside the segment's prefix
+                keys = torch.arange(rows_k.shape[1], device=q.device)
+                visible = visible | (keys < prefix_lengths.to(q.device).reshape(-1, 1, 1, 1))
+            mask = mask & visible
     attended = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout, scale=scale,
                                               is_causal=causal and mask is None, enable_gqa=qb.shape[1] != kb.shape[1])
     return out.index_put((rows_q[real_q],), attended.permute(0, 2, 1, 3)[real_q])

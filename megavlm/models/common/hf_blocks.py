@@ -428,3 +428,79 @@ def opt_config_to_hf(lang: LanguageConfig) -> dict:
             "max_position_embeddings": lang.max_seq_len, "word_embed_proj_dim": lang.hidden_size,
             "do_layer_norm_before": True, "activation_function": "relu", "enable_bias": True,
             "tie_word_embeddings": lang.tie_embeddings, "dropout": 0.0, "attention_dropout": 0.0}
+
+
+# ---- SigLIP vision tower (CLIP's names without class token or pre-norm, a final post_layernorm) ---
+def siglip_vision_to_megavlm(hf: dict, src: str, out: dict, dst: str, vision: VisionConfig) -> None:
+    clip_vision_to_megavlm(hf, src, out, dst, vision)
+    if vision.post_norm:
+        for p in ("weight", "bias"):
+            out[dst + f"encoder.final_layernorm.{p}"] = _take(hf, src + f"post_layernorm.{p}")
+
+
+def siglip_vision_to_hf(full: dict, src: str, hf: dict, dst: str, vision: VisionConfig) -> None:
+    clip_vision_to_hf(full, src, hf, dst, vision)
+    if vision.post_norm:
+        for p in ("weight", "bias"):
+            hf[dst + f"post_layernorm.{p}"] = full[src + f"encoder.final_layernorm.{p}"]
+
+
+def siglip_config_from_hf(vis: dict) -> VisionConfig:
+    """The SigLIP vision tower without its attention-pooling head, read from its last layer
+    through post_layernorm (PaliGemma's image features)."""
+    check_supported("vision_config", vis, {"hidden_act": ("gelu_pytorch_tanh",), "num_channels": (3,),
+                                           "attention_dropout": (0, 0.0), "vision_use_head": (False,)})
+    return VisionConfig(
+        image_size=vis["image_size"], patch_size=vis["patch_size"], hidden_size=vis["hidden_size"],
+        num_layers=vis["num_hidden_layers"], num_heads=vis["num_attention_heads"],
+        ffn_hidden_size=vis["intermediate_size"], activation="gelu_tanh", norm_eps=vis.get("layer_norm_eps", 1e-6),
+        class_token=False, pre_norm=False, patch_bias=True, feature_layer=-1, post_norm=True)
+
+
+def siglip_config_to_hf(vision: VisionConfig) -> dict:
+    siglip = (vision.activation, vision.class_token, vision.pre_norm, vision.patch_bias, vision.post_norm,
+              vision.feature_layer, vision.normalization, vision.qk_norm, vision.layer_scale, vision.qkv_bias)
+    if siglip != ("gelu_tanh", False, False, True, True, -1, "LayerNorm", False, None, True):
+        raise ValueError("an HF SigLIP vision tower is a tanh-GELU ViT without class token or pre-norm, with "
+                         "biases and a final LayerNorm, read at its last layer")
+    return {"model_type": "siglip_vision_model", "image_size": vision.image_size, "patch_size": vision.patch_size,
+            "hidden_size": vision.hidden_size, "num_hidden_layers": vision.num_layers,
+            "num_attention_heads": vision.num_heads, "intermediate_size": vision.ffn_hidden_size,
+            "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": vision.norm_eps, "num_channels": 3,
+            "vision_use_head": False, "attention_dropout": 0.0}
+
+
+# ---- Gemma decoder (Llama's names and layout; zero-centred RMSNorm, GeGLU, scaled embeddings) ------
+_GEMMA_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")   # HF reads Gemma's legacy "gelu" as the tanh form
+
+
+def gemma_config_from_hf(text: dict, section: str = "text_config") -> LanguageConfig:
+    check_supported(section, text, {"model_type": ("gemma",), "hidden_act": _GEMMA_ACTIVATIONS,
+                                    "hidden_activation": (None, *_GEMMA_ACTIVATIONS), "attention_bias": (False,),
+                                    "attention_dropout": (0, 0.0), "rope_scaling": (None,)})
+    rope = text.get("rope_parameters") or {}
+    check_supported(f"{section}.rope_parameters", rope, {"rope_type": ("default",)})
+    hidden, heads = text["hidden_size"], text["num_attention_heads"]
+    head_dim = text.get("head_dim") or hidden // heads
+    return LanguageConfig(
+        vocab_size=text["vocab_size"], hidden_size=hidden, num_layers=text["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=text.get("num_key_value_heads") or heads, ffn_hidden_size=text["intermediate_size"],
+        max_seq_len=text.get("max_position_embeddings", 8192),
+        rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 10000.0))),
+        norm_eps=text.get("rms_norm_eps", 1e-6), activation="geglu",
+        kv_channels=head_dim if head_dim * heads != hidden else None, scale_embeddings=True, zero_centered_norm=True,
+        tie_embeddings=bool(text.get("tie_word_embeddings", True)))
+
+
+def gemma_config_to_hf(lang: LanguageConfig) -> dict:
+    if (lang.normalization, lang.activation, lang.linear_bias, lang.qkv_bias, lang.position_embedding,
+            lang.scale_embeddings, lang.zero_centered_norm, lang.qk_norm, lang.rotary_percent) != \
+            ("RMSNorm", "geglu", False, False, "rope", True, True, False, 1.0):
+        raise ValueError("an HF Gemma decoder has zero-centred RMSNorm, GeGLU, scaled embeddings, RoPE, no biases")
+    return {"model_type": "gemma", "vocab_size": lang.vocab_size, "hidden_size": lang.hidden_size,
+            "num_hidden_layers": lang.num_layers, "num_attention_heads": lang.num_heads,
+            "num_key_value_heads": lang.query_groups, "head_dim": lang.head_dim,
+            "intermediate_size": lang.ffn_hidden_size, "max_position_embeddings": lang.max_seq_len,
+            "rms_norm_eps": lang.norm_eps, "hidden_act": "gelu_pytorch_tanh",
+            "rope_parameters": {"rope_theta": lang.rope_theta, "rope_type": "default"},
+            "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": lang.tie_embeddings}

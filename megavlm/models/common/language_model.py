@@ -1,6 +1,7 @@
 """Decoder-only language model: megatron-core's GPTModel with the spec from layer_specs."""
 from __future__ import annotations
 
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -22,10 +23,25 @@ class LanguageModel(GPTModel):
     replacement takes over the original's weight Parameter (same object, same attributes, same
     state-dict key), so nothing is allocated twice and tied embeddings stay tied."""
 
-    def __init__(self, *args, output_layer_cls: type = ColumnLinear, **kwargs):
+    def __init__(self, *args, output_layer_cls: type = ColumnLinear, embedding_scale: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if self.post_process and type(self.output_layer) is not output_layer_cls:
             self.output_layer = _rebuilt_output_layer(self, output_layer_cls)
+        if embedding_scale is not None and self.pre_process:
+            # GPTModel builds its embedding itself; re-classing it keeps its parameters (and the
+            # tied-weight attributes GPTModel gave them) where they are
+            self.embedding.__class__ = ScaledEmbedding
+            self.embedding.scale = embedding_scale
+
+
+class ScaledEmbedding(LanguageModelEmbedding):
+    """Token embeddings times a constant (Gemma: sqrt(hidden_size)), before any image embedding
+    takes its place in the sequence. ``scale`` is set by ``LanguageModel``."""
+
+    scale: float = 1.0
+
+    def forward(self, *args, **kwargs):
+        return super().forward(*args, **kwargs) * self.scale
 
 
 def _rebuilt_output_layer(model: GPTModel, cls: type):
@@ -41,16 +57,20 @@ def _rebuilt_output_layer(model: GPTModel, cls: type):
 
 def build_language_model(language: LanguageConfig, config: TransformerConfig, impl: str, pg_collection=None,
                          pre_process: bool = True, post_process: bool = True, layer_spec=None,
-                         output_layer_cls: type = ColumnLinear) -> GPTModel:
-    """Llama-style (RMSNorm, SwiGLU, RoPE, GQA) or OPT-style (LayerNorm, ReLU, learned positions),
-    vocab-parallel embedding and output layer, tied or untied. ``layer_spec`` replaces the
-    decoder layer spec (Flamingo's fusion layers). The embedding never scatters the sequence for
-    sequence parallelism: image embeddings are placed into the whole sequence first, then the
-    model scatters it once (models/common/vlm.py)."""
+                         output_layer_cls: type = ColumnLinear, prefix_lm: bool = False) -> GPTModel:
+    """Llama-style (RMSNorm, SwiGLU, RoPE, GQA), Gemma-style (zero-centred RMSNorm, GeGLU, scaled
+    embeddings, wide heads), Persimmon-style (LayerNorm, squared ReLU, partial RoPE, QK LayerNorm)
+    or OPT-style (LayerNorm, ReLU, learned positions), vocab-parallel embedding and output layer,
+    tied or untied. ``layer_spec`` replaces the decoder layer spec (Flamingo's fusion layers);
+    ``prefix_lm``: the layers take the prefix-LM mask each batch brings. The embedding never
+    scatters the sequence for sequence parallelism: image embeddings are placed into the whole
+    sequence first, then the model scatters it once (models/common/vlm.py)."""
     pp_rank = pg_collection.pp.rank() if pg_collection is not None else None
+    layer_spec = layer_spec or decoder_layer_spec(impl, qk_norm=language.qk_norm, prefix_lm=prefix_lm)
     return LanguageModel(
         config=config,
-        transformer_layer_spec=block_spec(layer_spec or decoder_layer_spec(impl), impl, config, pp_rank),
+        embedding_scale=language.hidden_size ** 0.5 if language.scale_embeddings else None,
+        transformer_layer_spec=block_spec(layer_spec, impl, config, pp_rank),
         vocab_size=padded_vocab_size(language.vocab_size, config.tensor_model_parallel_size),
         max_sequence_length=language.max_seq_len,
         pre_process=pre_process,
@@ -58,6 +78,7 @@ def build_language_model(language: LanguageConfig, config: TransformerConfig, im
         parallel_output=True,
         share_embeddings_and_output_weights=language.tie_embeddings,
         position_embedding_type="rope" if language.position_embedding == "rope" else "learned_absolute",
+        rotary_percent=language.rotary_percent,
         rotary_base=language.rope_theta,
         pg_collection=pg_collection,
         scatter_embedding_sequence_parallel=False,

@@ -75,18 +75,27 @@ def _local_layer(mask_type: AttnMaskType) -> ModuleSpec:
     )
 
 
-def _te_layer(mask_type: AttnMaskType) -> ModuleSpec:
+def _te_layer(mask_type: AttnMaskType, qk_norm: bool = False) -> ModuleSpec:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-    spec = get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
     spec.submodules.self_attention.params = {"attn_mask_type": mask_type}
     return spec
 
 
-def decoder_layer_spec(impl: str) -> ModuleSpec:
-    """Causal self-attention layer of the language model."""
+def decoder_layer_spec(impl: str, qk_norm: bool = False, prefix_lm: bool = False) -> ModuleSpec:
+    """Self-attention layer of the language model: causal, or with the mask each batch brings
+    (``prefix_lm``: bidirectional over each sample's prefix, models/common/prefix_lm.py); with a
+    norm over each head's query and key channels when ``qk_norm`` (Persimmon)."""
     _require_te(impl)
-    return _local_layer(AttnMaskType.causal) if impl == "local" else _te_layer(AttnMaskType.causal)
+    mask = AttnMaskType.arbitrary if prefix_lm else AttnMaskType.causal
+    if impl == "te":
+        return _te_layer(mask, qk_norm)
+    spec = _local_layer(mask)
+    if qk_norm:
+        attention = spec.submodules.self_attention.submodules
+        attention.q_layernorm = attention.k_layernorm = Norm
+    return spec
 
 
 def encoder_layer_spec(impl: str) -> ModuleSpec:

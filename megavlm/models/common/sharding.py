@@ -16,8 +16,10 @@ from megavlm.parallel.layout import pipeline_layer_ranges
 
 # Megatron-core's parallel linears: column-parallel weights/biases split dim 0, row-parallel weights
 # split dim 1 (their biases are replicated). Matched against the key's last two name components.
-_COLUMN = re.compile(r"(linear_qkv|linear_q|linear_kv|linear_fc1|language_projection)\.(weight|bias)$"
-                     r"|self_attention\.[qk]_layernorm\.weight$")  # InternViT's full-width QK-norm, split by heads
+_COLUMN = re.compile(r"(linear_qkv|linear_q|linear_kv|linear_fc1|language_projection)\.(weight|bias)$")
+# A QK-norm over all heads' channels (InternViT's) splits by heads; one over each head's channels
+# (Persimmon's) is the same on every rank.
+_QK_NORM = re.compile(r"self_attention\.[qk]_layernorm\.weight$")
 _ROW = re.compile(r"(linear_proj|linear_fc2)\.weight$")
 _VOCAB = re.compile(r"((word_embeddings|output_layer)\.weight|itg_bias)$")
 # LoRA adapters split like the layer they adapt: B with a column-parallel layer's rows, A with a
@@ -42,6 +44,8 @@ class ShardingPlan:
     extra_vocab: dict[str, int] = field(default_factory=dict)
     # Modules whole on every TP rank (vision.tensor_parallel: 1): never split
     whole_prefixes: tuple[str, ...] = ()
+    # Modules whose QK-norm spans all heads' channels (split by heads); elsewhere it is per head
+    full_width_qk_norm: tuple[str, ...] = ("vision.",)
     ranges: list[tuple[int, int]] = field(init=False)
 
     def __post_init__(self):
@@ -89,6 +93,8 @@ class ShardingPlan:
             return "column" if _LORA_COLUMN.search(key) else "row" if _LORA_ROW.search(key) else "replicated"
         if _VOCAB.search(key):
             return "vocab"
+        if _QK_NORM.search(key):
+            return "column" if key.startswith(self.full_width_qk_norm) else "replicated"
         if _COLUMN.search(key):
             gated = key.endswith(("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")) and key.startswith(self.gated_prefixes)
             return "glu" if gated else "column"

@@ -18,11 +18,17 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GELU with the tanh approximation (SigLIP's gelu_pytorch_tanh)."""
+    """GELU with the tanh approximation (SigLIP's gelu_pytorch_tanh, Gemma's GeGLU gate)."""
     return F.gelu(x, approximate="tanh")
 
 
-_LM_ACTIVATIONS = {"swiglu": (F.silu, True), "gelu": (F.gelu, False), "relu": (F.relu, False),
+def squared_relu(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2 (Persimmon); megatron-core's copy is torch.compile'd, as quick_gelu's above."""
+    return F.relu(x).square()
+
+
+_LM_ACTIVATIONS = {"swiglu": (F.silu, True), "geglu": (gelu_tanh, True), "gelu": (F.gelu, False),
+                   "relu": (F.relu, False), "squared_relu": (squared_relu, False),
                    "quick_gelu": (quick_gelu, False), "gelu_tanh": (gelu_tanh, False)}
 _VIT_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_tanh": gelu_tanh}
 
@@ -77,6 +83,8 @@ def language_transformer_config(model: ModelConfig, parallel: ParallelConfig, dt
         kv_channels=lang.head_dim,
         normalization=lang.normalization,
         layernorm_epsilon=lang.norm_eps,
+        layernorm_zero_centered_gamma=lang.zero_centered_norm,
+        qk_layernorm=lang.qk_norm,
         gated_linear_unit=gated,
         activation_func=activation,
         add_bias_linear=lang.linear_bias,

@@ -11,6 +11,7 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from megavlm.models.common.image_tokens import scatter_image_embeddings
+from megavlm.models.common.prefix_lm import prefix_lm_attention
 
 
 def run_frozen_aware(module: torch.nn.Module, *args):
@@ -94,15 +95,38 @@ class VLMBase(LanguageModelHost, abc.ABC):
         return merged
 
     def forward(self, input_ids: torch.Tensor | None = None, images=None, images_per_sample=None, position_ids=None,
-                attention_mask=None, packed_seq_params=None, decoder_input=None, inference_context=None) -> torch.Tensor:
+                attention_mask=None, packed_seq_params=None, decoder_input=None, inference_context=None,
+                prefix_lengths=None) -> torch.Tensor:
         """First stage: from tokens and images (or from ``decoder_input``, embeddings generation
         made already); later stages: from the pipeline input. Returns logits [b, s, vocab/TP] (or
         hidden states for a fused loss head) on the last stage, hidden states [s, b, h] elsewhere.
         ``inference_context``: megatron-core's KV cache (eval/generate.py); the logits of the last
-        position only then come back, gathered over TP as megatron-core requires there."""
+        position only then come back, gathered over TP as megatron-core requires there.
+        ``prefix_lengths`` (prefix-LM models): each row's (or packed segment's) bidirectional
+        prefix, turned into the attention mask here (models/common/prefix_lm.py)."""
+        attention_mask, packed_seq_params = self._attention_inputs(input_ids, attention_mask, packed_seq_params,
+                                                                   inference_context, prefix_lengths)
         if decoder_input is None and self.pre_process:
             decoder_input = self.embed(input_ids, images, images_per_sample, position_ids)
         return self.language_model(input_ids=None, position_ids=None, attention_mask=attention_mask,
                                    decoder_input=decoder_input, packed_seq_params=packed_seq_params,
                                    inference_context=inference_context,
                                    runtime_gather_output=True if inference_context is not None else None)
+
+    def _attention_inputs(self, input_ids, attention_mask, packed_seq_params, inference_context, prefix_lengths):
+        """A prefix-LM model's layers take whatever mask they are given, so one must come: from
+        ``prefix_lengths`` or explicitly (generation's prefill); only a step decoding from the KV
+        cache attends to everything cached without one."""
+        if not self.model_config.prefix_lm:
+            if prefix_lengths is not None:
+                raise ValueError("prefix_lengths given to a causal model (model.prefix_lm is false)")
+            return attention_mask, packed_seq_params
+        if prefix_lengths is not None:
+            if input_ids is None:
+                raise ValueError("prefix_lengths needs input_ids for the sequence length; pass an attention mask")
+            return prefix_lm_attention(prefix_lengths, input_ids.shape[1], packed_seq_params)
+        decoding = inference_context is not None and inference_context.sequence_len_offset > 0
+        if attention_mask is None and not decoding:
+            raise ValueError("a prefix-LM model (model.prefix_lm) needs each sample's prefix_lengths or an attention "
+                             "mask")
+        return attention_mask, packed_seq_params

@@ -32,7 +32,8 @@ class LlavaModel(VLMBase):
                                              without_sequence_parallel(lm_config), tp_group)
             self.connector = tag_component(connector, "connector")
         language_model = build_language_model(model.language, lm_config, model.transformer_impl, pg_collection,
-                                              pre_process, post_process, output_layer_cls=output_layer_cls(model))
+                                              pre_process, post_process, output_layer_cls=output_layer_cls(model),
+                                              prefix_lm=model.prefix_lm)
         self.language_model = tag_component(language_model, "llm")
 
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,7 @@ class LlavaStateDictAdapter(ShardedAdapter):
             tp_size=tp_size, pp_size=pp_size, num_layers=model.language.num_layers,
             vocab_size=model.language.vocab_size, first_stage_layers=first_stage_layers,
             last_stage_layers=last_stage_layers,
-            gated_prefixes=("language_model.",) if model.language.activation == "swiglu" else ())
+            gated_prefixes=("language_model.",) if model.language.gated else ())
 
     # ---- full (unsharded) form ----------------------------------------------------------
     def hf_to_full(self, hf: dict) -> dict:
