@@ -131,12 +131,12 @@ def blank_image(size: int, value: int = 128, mean=CLIP_MEAN, std=CLIP_STD) -> to
 
 
 def blank_like(inputs: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD, value: int = 128) -> torch.Tensor:
-    """Uniform gray in the shape of a batch's image inputs: ViT inputs [n, 3, H, W], or raw
-    patches [n, 3 * p * p] (channel-last pixels), so a blank image keeps the layout it replaces."""
+    """Uniform gray in the shape of image inputs: ViT inputs [..., 3, H, W] (one image or a batch),
+    or raw patches [n, 3 * p * p] (channel-last pixels), so a blank image keeps the layout it replaces."""
     gray = normalize(np.full((1, 1, 3), value, dtype=np.uint8), mean, std).reshape(3).to(inputs.device, inputs.dtype)
     if inputs.dim() == 2:
         return gray.repeat(inputs.shape[1] // 3).expand(inputs.shape[0], -1).contiguous()
-    return gray.view(1, 3, 1, 1).expand_as(inputs).contiguous()
+    return gray.view(*[1] * (inputs.dim() - 3), 3, 1, 1).expand_as(inputs).contiguous()
 
 
 class PILBackend:
