@@ -179,7 +179,8 @@ def activation_estimate(cfg: ModelConfig, trainable: set[str], micro_batch: int,
     images = round(micro_batch * images_per_sample)
     tokens = micro_batch * seq_length
     vis_train, conn_train = "vision" in trainable, "connector" in trainable
-    llm_train, fusion_train = bool({"llm", "lora"} & trainable), "fusion" in trainable
+    # a contrastive model's text encoder ("text") stands where a VLM's decoder does
+    llm_train, fusion_train = bool({"llm", "lora", "text"} & trainable), "fusion" in trainable
     if first_stage and vis_train:
         vit_tokens = images * (v.num_patches + (1 if v.class_token else 0))
         shape = vision_shape(cfg)
@@ -200,7 +201,7 @@ def activation_estimate(cfg: ModelConfig, trainable: set[str], micro_batch: int,
         out.terms["decoder layers"] = llm_layers * layer_bytes(shape, llm_at, tokens, llm_train, seq_length)
         out.terms["cross-attention blocks"] = _fusion_bytes(cfg, llm_at, tokens, images, llm_layers, fusion_train)
         out.working_set = max(out.working_set, _rebuilt(shape, llm_at, tokens, llm_train, seq_length))
-    if last_stage and grads_pass:
+    if last_stage and grads_pass and cfg.head == "lm":   # a contrastive model has no output layer
         lang = cfg.language
         head = _norm_bytes(language_shape(cfg), at, llm_train) * tokens
         head += tokens * lang.hidden_size * e if llm_train else 0

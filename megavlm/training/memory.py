@@ -247,7 +247,7 @@ def build_ddp_and_optimizer(model: torch.nn.Module, recipe, device: torch.device
     config = megatron_optimizer_config(recipe.optimizer, recipe_dtype(recipe))
     with (_MetaTypeNames() if meta else contextlib.nullcontext()):
         optimizer = get_megatron_optimizer(config, [ddp], config_overrides=optimizer_groups(
-            recipe.stage, recipe.optimizer, config, recipe.model.vision.layers_to_build))
+            recipe.stage, recipe.optimizer, config, recipe.model.vision_layers))
     return ddp, optimizer
 
 

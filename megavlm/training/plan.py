@@ -246,7 +246,7 @@ class Planner:
         return [t for t in sizes if all(heads % t == 0 for _, _, heads in self.cfg.attention_heads())]
 
     def pipeline_sizes(self, gpus: int) -> list[int]:
-        if self.num_layers == 0:
+        if self.num_layers == 0 or self.cfg.head == "contrastive":   # contrastive models: TP and DP only
             return [1]
         return [p for p in (1, 2, 4, 8, 16, 32) if p <= gpus and self.layer_ranges(p) is not None]
 
@@ -356,7 +356,7 @@ class Planner:
             flops += model.head / tp
         if pp_rank == 0:
             vision = model.vision + (extra.vision if extra else 0)
-            flops += vision / (1 if cfg.vision.tensor_parallel == 1 else tp)
+            flops += vision / (1 if cfg.vision is not None and cfg.vision.tensor_parallel == 1 else tp)
             flops += model.connector / (1 if cfg.connector.tensor_parallel == 1 else tp)
         return flops * layout.micro_batch
 
@@ -376,7 +376,7 @@ class Planner:
         per_layer = 2 + (2 if self._grads_pass_decoder() else 0) + (2 if layout.recompute else 0)
         act = self.work.rows(layout.micro_batch) * self.work.seq_length * cfg.language.hidden_size * e
         total = layers * per_layer * act + (act if pp_rank == 0 and self.num_layers else 0)   # + the embedding's
-        if pp_rank == 0 and cfg.vision.tensor_parallel != 1:
+        if pp_rank == 0 and cfg.vision is not None and cfg.vision.tensor_parallel != 1:
             vit_train = "vision" in self.trainable
             vit_act = layout.micro_batch * self.work.images_per_sample * cfg.vision.tokens_per_image * cfg.vision.hidden_size * e
             total += cfg.vision.layers_to_build * (2 + (2 if vit_train else 0) + (2 if vit_train and layout.recompute else 0)) * vit_act

@@ -64,6 +64,9 @@ def workload_for(recipe, given: WorkloadInputs) -> Workload:
         raise ConfigError(f"{unreadable}: the planner needs the data set's size; pass --samples N")
     tokens = _pick(given.tokens_per_sample, stats and stats.mean_tokens, train.seq_length, "tokens per sample",
                    "--tokens-per-sample", "full rows of train.seq_length: an upper bound", sources)
+    if tokens > train.seq_length:
+        raise ConfigError(f"bad value for '--tokens-per-sample': {tokens:g} is more than train.seq_length "
+                          f"{train.seq_length} (a longer sample is skipped, not trained)")
     images = _pick(given.images_per_sample, stats and stats.mean_images, 1.0, "images per sample",
                    "--images-per-sample", "one per sample", sources)
     return Workload(samples, tokens, images, train.seq_length, recipe.data.packing, tuple(sources))
