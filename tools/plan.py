@@ -85,9 +85,10 @@ def local_layers(overrides: list[str]) -> list[str]:
 def formulas() -> str:
     from megavlm.training import activations, flops, plan
 
-    return "\n\n".join(["FLOPs per sample (megavlm/training/flops.py):\n" + flops.__doc__.split("\n\n", 2)[2].rstrip(),
-                        "Activations (megavlm/training/activations.py):\n" + activations.__doc__.split("\n\n", 1)[1].rstrip(),
-                        "Memory and time (megavlm/training/plan.py):\n" + plan.__doc__.split("\n\n", 1)[1].rstrip()])
+    sections = [("FLOPs per sample", "flops.py", flops.__doc__.split("\n\n", 2)[2]),
+                ("Activations", "activations.py", activations.__doc__.split("\n\n", 1)[1]),
+                ("Memory and time", "plan.py", plan.__doc__.split("\n\n", 1)[1])]
+    return "\n\n".join(f"{title} (megavlm/training/{file}):\n{text.rstrip()}" for title, file, text in sections)
 
 
 def plan_recipe(index: int, path: str, args, gpu, counts: list[int]):

@@ -52,7 +52,8 @@ def dataset_statistics(recipe, max_records: int = 2000) -> DataStats:
     stats = DataStats(samples=len(dataset), mean_tokens=None, mean_images=None)
     if not data.tokenizer or not Path(data.tokenizer).exists():
         return stats
-    tok = load_tokenizer(data.tokenizer, data.added_tokens, data.image_piece, require_image_token=model.head != "contrastive")
+    tok = load_tokenizer(data.tokenizer, data.added_tokens, data.image_piece,
+                         require_image_token=model.head != "contrastive")
     encoder = encoder_for(model, tok, data.template)
     stride = max(1, len(dataset) // max_records)
     tokens = images = 0
@@ -60,7 +61,8 @@ def dataset_statistics(recipe, max_records: int = 2000) -> DataStats:
         stats.measured += 1
         try:
             record = without_images(dataset[index]) if data.drop_images else dataset[index]
-            tokens += min(_record_length(record, encoder, model.image_tokens, model.head == "qformer"), recipe.train.seq_length)
+            length = _record_length(record, encoder, model.image_tokens, model.head == "qformer")
+            tokens += min(length, recipe.train.seq_length)
             images += len(record.images)
         except BadSample:
             stats.bad += 1

@@ -85,24 +85,6 @@ def layout_rank(tp: int, pp: int, dp: int, pp_rank: int) -> int:
 
 
 @contextlib.contextmanager
-def _gloo_groups_as_fake():
-    """megatron-core also makes gloo groups (its optimizer asks for them); over a fake world
-    they must be fake groups too, since a real gloo group would wait for peers that do not exist."""
-    new_group = dist.new_group
-
-    def fake_new_group(*args, **kwargs):
-        if kwargs.get("backend") == "gloo":
-            kwargs["backend"] = None
-        return new_group(*args, **kwargs)
-
-    dist.new_group = fake_new_group
-    try:
-        yield
-    finally:
-        dist.new_group = new_group
-
-
-@contextlib.contextmanager
 def fake_layout(tp: int, pp: int, dp: int, pp_rank: int = 0):
     """megatron-core's parallel state for one rank of a TP x PP x DP world, in this process alone.
     Collectives on the fake process group return at once without moving data; nothing built
@@ -119,8 +101,10 @@ def fake_layout(tp: int, pp: int, dp: int, pp_rank: int = 0):
     rank = layout_rank(tp, pp, dp, pp_rank)
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=tp * pp * dp)
     try:
-        with _gloo_groups_as_fake():
-            parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        # no gloo groups: over a fake world they would wait for peers that do not exist (they only
+        # serve checkpoint gathering, which sizes nothing)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                                 create_gloo_process_groups=False)
         if parallel_state.get_pipeline_model_parallel_rank() != pp_rank:
             raise RuntimeError(f"rank {rank} is not pipeline stage {pp_rank} in megatron-core's rank order")
         tensor_parallel.model_parallel_cuda_manual_seed(0)
@@ -246,8 +230,8 @@ def build_ddp_and_optimizer(model: torch.nn.Module, recipe, device: torch.device
         ddp = wrap_ddp(model, ddp_config(recipe.train, recipe.optimizer, device))
     config = megatron_optimizer_config(recipe.optimizer, recipe_dtype(recipe))
     with (_MetaTypeNames() if meta else contextlib.nullcontext()):
-        optimizer = get_megatron_optimizer(config, [ddp], config_overrides=optimizer_groups(
-            recipe.stage, recipe.optimizer, config, recipe.model.vision_layers))
+        groups = optimizer_groups(recipe.stage, recipe.optimizer, config, recipe.model.vision_layers)
+        optimizer = get_megatron_optimizer(config, [ddp], config_overrides=groups, use_gloo_process_groups=not meta)
     return ddp, optimizer
 
 

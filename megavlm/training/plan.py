@@ -378,8 +378,9 @@ class Planner:
         total = layers * per_layer * act + (act if pp_rank == 0 and self.num_layers else 0)   # + the embedding's
         if pp_rank == 0 and cfg.vision is not None and cfg.vision.tensor_parallel != 1:
             vit_train = "vision" in self.trainable
-            vit_act = layout.micro_batch * self.work.images_per_sample * cfg.vision.tokens_per_image * cfg.vision.hidden_size * e
-            total += cfg.vision.layers_to_build * (2 + (2 if vit_train else 0) + (2 if vit_train and layout.recompute else 0)) * vit_act
+            vit_tokens = layout.micro_batch * self.work.images_per_sample * cfg.vision.tokens_per_image
+            collectives = 2 + (2 if vit_train else 0) + (2 if vit_train and layout.recompute else 0)
+            total += cfg.vision.layers_to_build * collectives * vit_tokens * cfg.vision.hidden_size * e
         return total * ring / self._link(t)
 
     def pp_comm_seconds(self, layout: Layout, pp_rank: int) -> float:
@@ -402,15 +403,14 @@ class Planner:
         return volume / self._link(layout.tp * d)
 
     def step_time(self, layout: Layout) -> StepTime:
-        ranks = self.representative_ranks(layout.pp)
-        per_rank = {k: self.stage_flops(layout, k) / (self.peak * self.mfu) for k in ranks}
-        slowest = max(ranks, key=lambda k: per_rank[k] + self.tp_comm_seconds(layout, k) + self.pp_comm_seconds(layout, k))
+        parts = {k: (self.stage_flops(layout, k) / (self.peak * self.mfu), self.tp_comm_seconds(layout, k),
+                     self.pp_comm_seconds(layout, k)) for k in self.representative_ranks(layout.pp)}
+        slowest = max(parts.values(), key=sum)   # (compute, TP, PP) seconds of one micro-batch
         m = self.micro_batches(layout)
-        compute, tp, p2p = (m * x for x in (per_rank[slowest], self.tp_comm_seconds(layout, slowest),
-                                            self.pp_comm_seconds(layout, slowest)))
-        bubble = (layout.pp - 1) / m * (compute + tp + p2p)
+        compute, tp, p2p = (m * x for x in slowest)
+        bubble = (layout.pp - 1) * sum(slowest)
         dp = self.dp_comm_seconds(layout)
-        exposed = max(0.0, dp - (compute + tp + p2p) / m)
+        exposed = max(0.0, dp - sum(slowest))
         return StepTime(compute, tp, p2p, bubble, dp, exposed)
 
     # ---- a plan ----------------------------------------------------------------------------

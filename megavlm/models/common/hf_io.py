@@ -35,6 +35,17 @@ class LazyHFState(Mapping):
         return len(self._files)
 
 
+def renamed(hf: Mapping, renames: list) -> dict:
+    """``hf`` with every name rewritten by the (pattern, replacement) pairs in turn: the names older
+    transformers releases wrote, as the current classes name them."""
+    out = {}
+    for key, value in hf.items():
+        for pattern, replacement in renames:
+            key = pattern.sub(replacement, key)
+        out[key] = value
+    return out
+
+
 def _tensor_files(path: Path) -> dict[str, Path]:
     """Tensor name -> its file: from model.safetensors.index.json when there is one (and every
     file it names must exist), else from every *.safetensors file in the directory."""

@@ -11,6 +11,7 @@ import re
 
 from megavlm.config.model import ConnectorConfig, LanguageConfig, ModelConfig, PatchInputConfig
 from megavlm.models.common.adapter import ShardedAdapter
+from megavlm.models.common.hf_io import renamed
 from megavlm.models.common.hf_blocks import _take, check_supported
 from megavlm.models.common.sharding import ShardingPlan
 
@@ -33,12 +34,7 @@ _LAYER = {"input_layernorm": "input_layernorm", "self_attention.linear_qkv": "se
 
 
 def normalize_hf_names(hf: dict) -> dict:
-    out = {}
-    for key, value in hf.items():
-        for pattern, repl in _LEGACY_NAMES:
-            key = pattern.sub(repl, key)
-        out[key] = value
-    return out
+    return renamed(hf, _LEGACY_NAMES)
 
 
 def _pairs(lang: LanguageConfig):

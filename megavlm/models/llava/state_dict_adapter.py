@@ -12,6 +12,7 @@ import torch
 from megavlm.config.model import ConnectorConfig, ModelConfig
 from megavlm.models.common import hf_blocks
 from megavlm.models.common.adapter import ShardedAdapter
+from megavlm.models.common.hf_io import renamed
 from megavlm.models.common.sharding import ShardingPlan
 
 VISION, PROJECTOR, LLM, HEAD = "model.vision_tower.", "model.multi_modal_projector.", "model.language_model.", "lm_head.weight"
@@ -27,12 +28,7 @@ _LEGACY_NAMES = [
 
 
 def normalize_hf_names(hf: dict) -> dict:
-    out = {}
-    for key, value in hf.items():
-        for pattern, repl in _LEGACY_NAMES:
-            key = pattern.sub(repl, key)
-        out[key] = value
-    return out
+    return renamed(hf, _LEGACY_NAMES)
 
 
 class LlavaStateDictAdapter(ShardedAdapter):

@@ -13,6 +13,7 @@ import torch
 
 from megavlm.config.model import ConnectorConfig, ModelConfig
 from megavlm.models.common import hf_blocks
+from megavlm.models.common.hf_io import renamed
 from megavlm.models.common.prefix_lm import prefix_length
 from megavlm.models.llava.state_dict_adapter import LlavaStateDictAdapter, _pad_rows
 
@@ -31,12 +32,7 @@ _LEGACY_NAMES = [
 
 
 def normalize_hf_names(hf: dict) -> dict:
-    out = {}
-    for key, value in hf.items():
-        for pattern, repl in _LEGACY_NAMES:
-            key = pattern.sub(repl, key)
-        out[key] = value
-    return out
+    return renamed(hf, _LEGACY_NAMES)
 
 
 class PaliGemmaStateDictAdapter(LlavaStateDictAdapter):
