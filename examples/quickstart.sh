@@ -4,9 +4,9 @@
 #   step 0  the LLM learns the captions' language from their text alone (it stands in for the
 #           pretrained LLM nothing can download here; no image reaches it)
 #   stage 1 feature alignment (connector), stage 2 pre-training (connector + LLM), stage 3
-#           instruction tuning (connector + LLM, conversations)
+#           instruction tuning (connector + LLM, conversations and benchmark-style instructions)
 # Each stage prints held-out caption token accuracy (and VQA exact match in stage 3) next to the
-# same model's score on a blank image. Checkpoints and TensorBoard logs: outputs/quickstart/stage{0,1,2,3}.
+# same model's score on a blank image; stage 3 ends with the embedded benchmarks' table. Checkpoints and TensorBoard logs: outputs/quickstart/stage{0,1,2,3}.
 #   bash examples/quickstart.sh [key=value ...]                    overrides apply to every stage
 #   torchrun --nproc_per_node 2 examples/quickstart.sh [key=value ...]
 # WORKDIR (default: the repository) is where data/ and outputs/ are written; outputs/quickstart is

@@ -1,11 +1,13 @@
 """Shared fixtures: a one-process megatron-core world, torchrun launches, HF reference models."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -50,14 +52,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_torchrun(script: Path, nproc: int, args: list[str], timeout: int = 600) -> str:
+def run_torchrun(script: Path, nproc: int, args: list[str], timeout: int = 600, cwd: Path = ROOT) -> str:
     """Launch ``script`` under torchrun with ``nproc`` gloo processes; fail with its output."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={_free_port()}", str(script), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         out = (proc.stdout + proc.stderr)[-6000:]
         pytest.fail(f"torchrun {script.name} failed with exit code {proc.returncode}:\n{out}")
@@ -143,6 +145,29 @@ def small_embedded(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("embedded")
     generate(out, seed=0, splits={"train": 768, "val": 48, "test": 48})
     return out
+
+
+@dataclass
+class QuickstartRun:
+    workdir: Path     # holds data/embedded and outputs/quickstart/stage{0,1,2,3}
+    stdout: str
+
+    def metrics(self, stage: int) -> dict:
+        return json.loads((self.workdir / "outputs" / "quickstart" / f"stage{stage}" / "final_metrics.json")
+                          .read_text())["metrics"]
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory) -> QuickstartRun:
+    """README's quick-start command as a user types it, once per session (2 processes, TP=2, the
+    embedded data generated on first use): its checkpoints serve the quick-start and the
+    evaluation tests."""
+    workdir = tmp_path_factory.mktemp("quickstart")
+    env = {**os.environ, "WORKDIR": str(workdir), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(ROOT / "examples" / "quickstart.sh")], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    return QuickstartRun(workdir, proc.stdout)
 
 
 def data_overrides(data_dir: Path, captions: bool = True) -> list[str]:

@@ -119,6 +119,23 @@ def test_embedded_benchmarks_load_in_their_published_formats(embedded_benchmarks
         assert len(samples) == 4 * len({s.meta["question"] for s in samples})
 
 
+def test_embedded_existence_instructions_read_as_their_labels_under_popes_rule(small_embedded):
+    """The training answers to existence questions ("square yellow no") name the asked object and
+    are read by POPE's rule as the truth; present and absent objects are balanced."""
+    records = json.loads((small_embedded / "existence_train.json").read_text())
+    assert len(records) == 2 * 768
+    labels = []
+    for r in records:
+        question, answer = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        shape, colour, label = answer.split()
+        assert f"Is there a {colour} {shape} in the image?" in question and (small_embedded / r["image"]).is_file()
+        assert yes_no(answer) == label
+        labels.append(label)
+    assert labels.count("yes") == labels.count("no")
+    mixed = json.loads((small_embedded / "benchmark_instruct_train.json").read_text())
+    assert any(r["conversations"][1]["value"].endswith((" yes", " no")) for r in mixed)
+
+
 def test_an_embedded_model_that_knows_the_scene_scores_perfectly(embedded_benchmarks):
     """The references are consistent: answering with the truth scores 1 on every metric."""
     for name in ("vqav2", "pope", "mmbench", "seedbench", "scienceqa", "refcoco"):

@@ -10,7 +10,7 @@ Writes, under ``--out``:
                                      character of a user's own captions is spelled in UTF-8 bytes, never
                                      unknown); "<image>", the Llama-3 markers, "[DEC]" (BLIP-2) and
                                      "<|endofchunk|>" (Flamingo) are single tokens
-  benchmarks/, benchmark_instruct_train.json
+  benchmarks/, benchmark_instruct_train.json, existence_train.json
                                      small standard benchmarks in their published formats, and
                                      benchmark-style instruction data (data/embedded_benchmarks.py)
   manifest.json                      counts, seed and generator version
@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 
 from megavlm.data.tokenizer import END_OF_CHUNK
 
-VERSION = 7
+VERSION = 8
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
 SHAPES = ("circle", "square", "triangle")
@@ -198,7 +198,9 @@ def generate(out: str | Path, seed: int = 0, splits: dict[str, int] | None = Non
     texts += [t.system + " " + t.user + " " + t.assistant for t in TEMPLATES.values()]
     # The benchmarks' text is left out of the tokenizer's corpus: its many question forms would take
     # the merges that keep the conversations short (byte fallback spells whatever is missing).
-    generate_benchmarks(out, seed, benchmark_images, train_images=max(benchmark_images, counts.get("train", 0) // 4))
+    train = counts.get("train", 0)
+    generate_benchmarks(out, seed, benchmark_images, train_images=max(benchmark_images, train // 4),
+                        existence_images=train)
     _train_tokenizer(out, texts, vocab_size)
     manifest = {"version": VERSION, "seed": seed, "splits": counts, "image_size": IMAGE_SIZE,
                 "tokenizer": "tokenizer.model", "benchmark_images": benchmark_images}

@@ -11,6 +11,9 @@ the embedded dataset whose content is known, so every metric runs in CI and mean
   benchmarks/flickr30k_retrieval/ Karpathy-split JSON for image-text retrieval
   benchmark_instruct_train.json   the same kinds of questions on training scenes (LLaVA
                                   conversations), for the instruction-tuning mixture
+  existence_train.json            POPE-style questions (a present and an absent object) on
+                                  scenes of their own: the decision needs many more scenes than
+                                  the other kinds
 
 Scenes come from their own random stream, so the rest of the embedded dataset is unchanged.
 """
@@ -69,9 +72,9 @@ def vqa_answers(answer: str, rng: random.Random) -> list[str]:
     return answers
 
 
-def pope_questions(scene: dict, rng: random.Random, split: str, frequent: list) -> list[tuple[str, str]]:
-    """One present and one absent object: absent at random, among the most frequent objects, or
-    a near miss (the colour or the shape of a present object changed)."""
+def pope_questions(scene: dict, rng: random.Random, split: str, frequent: list) -> list[tuple[tuple, str, str]]:
+    """((colour, shape), question, yes/no) for one present and one absent object: absent at random, among
+    the most frequent objects, or a near miss (the colour or the shape of a present object changed)."""
     present = objects(scene)
     everything = [(c, s) for c in E.COLORS for s in E.SHAPES]
     absent = [o for o in everything if o not in present]
@@ -83,7 +86,31 @@ def pope_questions(scene: dict, rng: random.Random, split: str, frequent: list) 
         pool = absent
     yes = rng.choice(sorted(present))
     no = rng.choice(pool or absent)
-    return [(f"Is there a {_name(yes)} in the image?", "yes"), (f"Is there a {_name(no)} in the image?", "no")]
+    return [(obj, f"Is there a {_name(obj)} in the image?", label) for obj, label in ((yes, "yes"), (no, "no"))]
+
+
+def existence_answer(obj: tuple[str, str], label: str) -> str:
+    """The object's shape, its colour, then yes or no ("square yellow no"; POPE's rule reads the
+    no). A small LLM decides right after reading the colour word: from there it looks up the
+    objects of that colour as it does when captioning, and compares their shape with the one it
+    just wrote. Asked for a bare yes/no, or for "yellow square: no", the debug LLM stays at chance
+    for over a thousand steps."""
+    return f"{obj[1]} {obj[0]} {label}"
+
+
+def existence_records(scenes, rng, out: Path, image_dir: str) -> list[dict]:
+    """A present and an absent object per scene (random or near-miss absent), answered as above."""
+    (out / image_dir).mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, (scene, data, _) in enumerate(scenes):
+        rel = f"{image_dir}/{Path(image_dir).name}_{i:05d}.jpg"
+        (out / rel).write_bytes(data)
+        split = rng.choice(["random", "adversarial"])
+        for k, (obj, question, label) in enumerate(pope_questions(scene, rng, split, [])):
+            records.append({"id": f"{Path(image_dir).name}_{i:05d}_{k}", "image": rel, "conversations": [
+                {"from": "human", "value": f"<image>\n{question}{SHORT_ANSWER}"},
+                {"from": "gpt", "value": existence_answer(obj, label)}]})
+    return records
 
 
 def choice_question(scene: dict, rng: random.Random) -> tuple[str, list[str], int, str]:
@@ -177,7 +204,7 @@ def write_pope(root: Path, scenes, rng) -> None:
         with open(root / f"coco_pope_{split}.json", "w") as f:
             qid = 0
             for (scene, _, _), name in zip(scenes, names):
-                for text, label in pope_questions(scene, rng, split, frequent):
+                for _, text, label in pope_questions(scene, rng, split, frequent):
                     qid += 1
                     f.write(json.dumps({"question_id": qid, "image": name, "text": text, "label": label}) + "\n")
 
@@ -245,7 +272,8 @@ def instruct_conversations(scenes, rng, image_dir: Path, out: Path, size: int) -
         (out / rel).write_bytes(data)
         question, answer = rng.choice(E.questions(scene))
         pairs = [(question + SHORT_ANSWER, answer)]
-        pairs += [(q + SHORT_ANSWER, a) for q, a in pope_questions(scene, rng, rng.choice(["random", "adversarial"]), [])]
+        split = rng.choice(["random", "adversarial"])
+        pairs += [(q + SHORT_ANSWER, existence_answer(obj, label)) for obj, q, label in pope_questions(scene, rng, split, [])]
         q, options, answer_index, hint = choice_question(scene, rng)
         pairs.append((format_question(q, options, hint), LETTERS[answer_index]))
         if referring(scene, boxes):
@@ -258,7 +286,8 @@ def instruct_conversations(scenes, rng, image_dir: Path, out: Path, size: int) -
     return records
 
 
-def generate_benchmarks(out: Path, seed: int, images: int = 64, train_images: int = 600) -> list[str]:
+def generate_benchmarks(out: Path, seed: int, images: int = 64, train_images: int = 600,
+                        existence_images: int = 3000) -> list[str]:
     """Write every benchmark under ``out/benchmarks`` and the instruction data; returns their text
     (for the tokenizer's corpus)."""
     rng = random.Random(f"benchmarks-{seed}")
@@ -274,5 +303,8 @@ def generate_benchmarks(out: Path, seed: int, images: int = 64, train_images: in
     _karpathy(root / "flickr30k_retrieval", _scenes(rng, images // 2), "dataset_flickr30k.json")
     records = instruct_conversations(_scenes(rng, train_images), rng, out / "images" / "bench_train", out, size)
     (out / "benchmark_instruct_train.json").write_text(json.dumps(records, indent=1))
+    existence_rng = random.Random(f"existence-{seed}")
+    existence = existence_records(_scenes(existence_rng, existence_images), existence_rng, out, "images/existence_train")
+    (out / "existence_train.json").write_text(json.dumps(existence, indent=1))
     texts = [t["value"].replace("<image>\n", "") for r in records for t in r["conversations"]]
     return texts + [f"{NUMERALS[n]} {n.capitalize()}." for n in NUMERALS] + ["Hint: star four Answer"]

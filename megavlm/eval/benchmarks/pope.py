@@ -36,7 +36,7 @@ def binary_metrics(predictions: list[str], labels: list[str]) -> dict[str, float
 
 class POPE(Benchmark):
     name = "pope"
-    max_new_tokens = 4
+    max_new_tokens = 16     # the rule reads the first sentence: "Yes, there is ..." / "red circle: no"
 
     def load(self, path: Path) -> list[Sample]:
         if not path.is_dir():
