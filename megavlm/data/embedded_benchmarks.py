@@ -98,19 +98,10 @@ def existence_answer(obj: tuple[str, str], label: str) -> str:
     return f"{obj[1]} {obj[0]} {label}"
 
 
-def existence_records(scenes, rng, out: Path, image_dir: str) -> list[dict]:
-    """A present and an absent object per scene (random or near-miss absent), answered as above."""
-    (out / image_dir).mkdir(parents=True, exist_ok=True)
-    records = []
-    for i, (scene, data, _) in enumerate(scenes):
-        rel = f"{image_dir}/{Path(image_dir).name}_{i:05d}.jpg"
-        (out / rel).write_bytes(data)
-        split = rng.choice(["random", "adversarial"])
-        for k, (obj, question, label) in enumerate(pope_questions(scene, rng, split, [])):
-            records.append({"id": f"{Path(image_dir).name}_{i:05d}_{k}", "image": rel, "conversations": [
-                {"from": "human", "value": f"<image>\n{question}{SHORT_ANSWER}"},
-                {"from": "gpt", "value": existence_answer(obj, label)}]})
-    return records
+def existence_pairs(scene: dict, rng: random.Random) -> list[tuple[str, str]]:
+    """(prompt, answer) for a present and an absent object (random or near-miss absent)."""
+    split = rng.choice(["random", "adversarial"])
+    return [(q + SHORT_ANSWER, existence_answer(obj, label)) for obj, q, label in pope_questions(scene, rng, split, [])]
 
 
 def choice_question(scene: dict, rng: random.Random) -> tuple[str, list[str], int, str]:
@@ -262,26 +253,30 @@ def write_refcoco(root: Path, scenes, size: int) -> None:
                                                       "categories": [{"id": 1, "name": "shape"}]}))
 
 
-def instruct_conversations(scenes, rng, image_dir: Path, out: Path, size: int) -> list[dict]:
-    """Every kind of benchmark question about each training scene (a short answer, a present and
-    an absent object, lettered options, a box, a caption), one record each, sharing the image."""
-    image_dir.mkdir(parents=True, exist_ok=True)
+def every_kind_pairs(scene: dict, boxes: list, rng: random.Random, size: int) -> list[tuple[str, str]]:
+    """Every kind of benchmark question about a scene: a short answer, a present and an absent
+    object, lettered options, a box, a caption."""
+    question, answer = rng.choice(E.questions(scene))
+    pairs = [(question + SHORT_ANSWER, answer)] + existence_pairs(scene, rng)
+    q, options, answer_index, hint = choice_question(scene, rng)
+    pairs.append((format_question(q, options, hint), LETTERS[answer_index]))
+    if referring(scene, boxes):
+        expression, box = rng.choice(referring(scene, boxes))
+        pairs.append((REC_PROMPT.format(expression), box_text(box, size)))
+    pairs.append((CAPTION_PROMPT, E.caption(scene)))
+    return pairs
+
+
+def one_turn_records(scenes, out: Path, name: str, pairs_of) -> list[dict]:
+    """Each scene's image under ``images/<name>/`` and one LLaVA conversation per (prompt, answer)
+    of ``pairs_of(scene, boxes)``, sharing the image."""
+    (out / "images" / name).mkdir(parents=True, exist_ok=True)
     records = []
     for i, (scene, data, boxes) in enumerate(scenes):
-        rel = f"images/bench_train/bench_train_{i:05d}.jpg"
+        rel = f"images/{name}/{name}_{i:05d}.jpg"
         (out / rel).write_bytes(data)
-        question, answer = rng.choice(E.questions(scene))
-        pairs = [(question + SHORT_ANSWER, answer)]
-        split = rng.choice(["random", "adversarial"])
-        pairs += [(q + SHORT_ANSWER, existence_answer(obj, label)) for obj, q, label in pope_questions(scene, rng, split, [])]
-        q, options, answer_index, hint = choice_question(scene, rng)
-        pairs.append((format_question(q, options, hint), LETTERS[answer_index]))
-        if referring(scene, boxes):
-            expression, box = rng.choice(referring(scene, boxes))
-            pairs.append((REC_PROMPT.format(expression), box_text(box, size)))
-        pairs.append((CAPTION_PROMPT, E.caption(scene)))
-        for k, (question, answer) in enumerate(pairs):
-            records.append({"id": f"bench_train_{i:05d}_{k}", "image": rel, "conversations": [
+        for k, (question, answer) in enumerate(pairs_of(scene, boxes)):
+            records.append({"id": f"{name}_{i:05d}_{k}", "image": rel, "conversations": [
                 {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]})
     return records
 
@@ -301,10 +296,12 @@ def generate_benchmarks(out: Path, seed: int, images: int = 64, train_images: in
     write_scienceqa(root / "scienceqa", _scenes(rng, images), rng)
     write_refcoco(root / "refcoco", _scenes(rng, images), size)
     _karpathy(root / "flickr30k_retrieval", _scenes(rng, images // 2), "dataset_flickr30k.json")
-    records = instruct_conversations(_scenes(rng, train_images), rng, out / "images" / "bench_train", out, size)
+    records = one_turn_records(_scenes(rng, train_images), out, "bench_train",
+                               lambda scene, boxes: every_kind_pairs(scene, boxes, rng, size))
     (out / "benchmark_instruct_train.json").write_text(json.dumps(records, indent=1))
     existence_rng = random.Random(f"existence-{seed}")
-    existence = existence_records(_scenes(existence_rng, existence_images), existence_rng, out, "images/existence_train")
+    existence = one_turn_records(_scenes(existence_rng, existence_images), out, "existence_train",
+                                 lambda scene, _: existence_pairs(scene, existence_rng))
     (out / "existence_train.json").write_text(json.dumps(existence, indent=1))
     texts = [t["value"].replace("<image>\n", "") for r in records for t in r["conversations"]]
     return texts + [f"{NUMERALS[n]} {n.capitalize()}." for n in NUMERALS] + ["Hint: star four Answer"]
