@@ -125,11 +125,6 @@ def clip_reference(image: Image.Image, size: int) -> torch.Tensor:
     return normalize(np.asarray(image.crop((left, top, left + size, top + size))))
 
 
-def blank_image(size: int, value: int = 128, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
-    """A uniform gray image through the same normalisation: the 'no information' baseline."""
-    return normalize(np.full((size, size, 3), value, dtype=np.uint8), mean, std)
-
-
 def blank_like(inputs: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD, value: int = 128) -> torch.Tensor:
     """Uniform gray in the shape of image inputs: ViT inputs [..., 3, H, W] (one image or a batch),
     or raw patches [n, 3 * p * p] (channel-last pixels), so a blank image keeps the layout it replaces."""

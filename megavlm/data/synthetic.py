@@ -33,9 +33,7 @@ def _image_inputs(cfg: ModelConfig, layouts: list[list[int]], generator: torch.G
 
 def image_positions(cfg: ModelConfig, num_images: int) -> int:
     """Sequence positions the first ``num_images`` synthetic images of a sample fill."""
-    if cfg.patches is None:
-        return num_images * cfg.image_tokens
-    return sum(r * (c + 1) for r, c in (SYNTHETIC_GRIDS[i % len(SYNTHETIC_GRIDS)] for i in range(num_images)))
+    return sum(len(_placeholders(cfg, i)) for i in range(num_images))
 
 
 def synthetic_sample(cfg: ModelConfig, seq_length: int, num_images: int, generator: torch.Generator,

@@ -158,20 +158,6 @@ def build_meta_stage(recipe, tp: int, pp: int, sequence_parallel: bool = False):
     return model, nf4
 
 
-def parameter_bytes(model: torch.nn.Module, nf4_ids: set = frozenset()) -> int:
-    """Bytes of every parameter and NF4 base weight, each storage once."""
-    from megavlm.peft.lora import lora_modules
-    from megavlm.peft.nf4 import nf4_bytes
-
-    total = 0
-    for p in model.parameters():
-        total += nf4_size(p.numel(), p.dtype) if id(p) in nf4_ids else p.numel() * p.element_size()
-    for module in lora_modules(model):
-        if module.weight_nf4 is not None:
-            total += nf4_bytes(module.weight_nf4)
-    return total
-
-
 def _ddp_buffers(ddp) -> list:
     return list(ddp.buffers) + list(getattr(ddp, "expert_parallel_buffers", []))
 
@@ -181,13 +167,14 @@ def state_bytes_of(model: torch.nn.Module, ddp, optimizer, half_params: bool, nf
 
     With the distributed optimizer megatron-core moves trainable parameters into DDP's
     contiguous, padded parameter buffer: those count at the buffer's size."""
-    buffered = {id(p) for b in _ddp_buffers(ddp) if b.param_data is not None for p in b.params}
-    unbuffered = torch.nn.Module()
-    unbuffered.params = torch.nn.ParameterList([p for p in model.parameters() if id(p) not in buffered])
-    params = parameter_bytes(unbuffered, nf4_ids) + sum(
-        b.param_data.numel() * b.param_data.element_size() for b in _ddp_buffers(ddp) if b.param_data is not None)
     from megavlm.peft.lora import lora_modules
     from megavlm.peft.nf4 import nf4_bytes
+
+    buffered = {id(p) for b in _ddp_buffers(ddp) if b.param_data is not None for p in b.params}
+    params = sum(nf4_size(p.numel(), p.dtype) if id(p) in nf4_ids else p.numel() * p.element_size()
+                 for p in model.parameters() if id(p) not in buffered)
+    params += sum(b.param_data.numel() * b.param_data.element_size()
+                  for b in _ddp_buffers(ddp) if b.param_data is not None)
     params += sum(nf4_bytes(m.weight_nf4) for m in lora_modules(model) if m.weight_nf4 is not None)
     grads = sum(b.grad_data.numel() * b.grad_data.element_size() for b in _ddp_buffers(ddp))
     main = sum(p.numel() for p in main_params(optimizer))

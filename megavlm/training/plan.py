@@ -49,7 +49,6 @@ GIB = 2**30
 OVERHEAD_BYTES = 2.5 * GIB
 MARGIN = 0.10
 GPUS_FILE = Path(__file__).with_name("gpus.yaml")
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 @dataclass(frozen=True)
@@ -227,12 +226,14 @@ class Planner:
     """Prices layouts of one recipe on one GPU type; model state is counted once per distinct rank."""
 
     def __init__(self, recipe, gpu: Gpu, workload: Workload, mfu: float | None = None, price: float | None = None):
+        from megavlm.training.memory import recipe_dtype
+
         self.recipe, self.gpu, self.work = with_gpu_defaults(recipe), gpu, workload
         self.cfg = recipe.model
         self.trainable = set(recipe.stage.trainable)
         self.mfu = mfu or gpu.mfu
         self.price = gpu.price_per_hour if price is None else price
-        self.dtype_bytes = DTYPE_BYTES[recipe.train.dtype]
+        self.dtype_bytes = recipe_dtype(recipe).itemsize
         self.peak = gpu.peak_flops(recipe.train.dtype, recipe.model.fp8 is not None)
         self._state: dict = {}
 
@@ -419,14 +420,18 @@ class Planner:
         train = self.recipe.train
         return train.max_steps or max(1, math.ceil(self.work.samples / train.global_batch_size))
 
+    @cached_property
+    def flops_per_sample(self) -> float:
+        """Model FLOPs of one sample (no recompute): the MFU column's numerator."""
+        return sample_flops(self.cfg, self.work.tokens_per_sample, self.work.images_per_sample, self.trainable).total
+
     def evaluate(self, layout: Layout) -> PlanRow:
         memory = self.memory(layout)
         time = self.step_time(layout)
         gbs = self.recipe.train.global_batch_size
-        real = sample_flops(self.cfg, self.work.tokens_per_sample, self.work.images_per_sample, self.trainable).total
         return PlanRow(layout, memory, memory.overflow(self.gpu.usable_bytes), time, self.steps,
                        gbs * self.work.tokens_per_sample / time.step / layout.gpus,
-                       gbs * real / time.step / (layout.gpus * self.peak), self.price)
+                       gbs * self.flops_per_sample / time.step / (layout.gpus * self.peak), self.price)
 
     def plan(self, gpus: int) -> tuple[list[PlanRow], list[PlanRow]]:
         """(the fastest fitting variant of every TP x PP, sorted by step time; for each TP x PP

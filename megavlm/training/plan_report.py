@@ -216,7 +216,6 @@ def validate(recipe, steps: int = 2) -> list[tuple[str, float, float]]:
     from megavlm.training.build import build_model
     from megavlm.training.memory import (build_ddp_and_optimizer, layout_state_bytes, measured_optimizer_bytes,
                                          recipe_dtype, saved_activation_bytes)
-    from megavlm.training.plan import DTYPE_BYTES
     from megavlm.training.stages import apply_stage
     from megavlm.training.step import configure_schedule, forward_backward, lm_loss_fn, train_step
 
@@ -244,7 +243,7 @@ def validate(recipe, steps: int = 2) -> list[tuple[str, float, float]]:
     finally:
         pinit.destroy()
     estimate = activation_estimate(cfg, set(recipe.stage.trainable), mbs, seq, 1.0,
-                                   Placement(1, False, DTYPE_BYTES[train.dtype], "full" if train.recompute else "off"),
+                                   Placement(1, False, dtype.itemsize, "full" if train.recompute else "off"),
                                    cfg.language.num_layers if cfg.head == "lm" else 0)
     rows = [("parameters", counted.params, sum(storages.values())), ("gradient buffers", counted.grads, grads),
             ("optimizer state", counted.optimizer, measured_optimizer),

@@ -61,10 +61,7 @@ def stand_alone_clip_tower(hf: dict, out: dict, dst: str, vision: VisionConfig) 
     if vision.qk_norm or vision.layer_scale is not None or not vision.qkv_bias:
         raise ValueError("a CLIP/SigLIP vision tower has no QK-norm or LayerScale and has q/k/v biases: set "
                          "model.vision.qk_norm: false, layer_scale: null, qkv_bias: true")
-    clip_vision_to_megavlm(hf, prefix, out, dst, vision)
-    if vision.post_norm:
-        for p in ("weight", "bias"):
-            out[dst + f"encoder.final_layernorm.{p}"] = _take(hf, prefix + f"post_layernorm.{p}")
+    siglip_vision_to_megavlm(hf, prefix, out, dst, vision)
     return True
 
 

@@ -32,6 +32,7 @@ def normalize_hf_names(hf: dict) -> dict:
 
 
 class LlavaStateDictAdapter(ShardedAdapter):
+    family = "LLaVA"   # in error messages
     not_in_hf: tuple[str, ...] = ()
     hf_decoder_layers = LLM + "layers"
 
@@ -87,8 +88,8 @@ class LlavaStateDictAdapter(ShardedAdapter):
         full: dict = {}
         if "vision" in sources and not hf_blocks.stand_alone_clip_tower(sources["vision"], full, "vision.",
                                                                          self.model.vision):
-            raise ValueError("stage.init_components_from_hf.vision: LLaVA takes its vision tower from an HF CLIP or "
-                             "SigLIP checkpoint (tensors under vision_model.)")
+            raise ValueError(f"stage.init_components_from_hf.vision: {self.family} takes its vision tower from an HF "
+                             "CLIP or SigLIP checkpoint (tensors under vision_model.)")
         if "llm" in sources:
             hf_blocks.llama_to_megavlm(sources["llm"], "model.", "lm_head.weight", full, "language_model.", self.model.language)
             for key in ("language_model.embedding.word_embeddings.weight", "language_model.output_layer.weight"):
@@ -96,7 +97,8 @@ class LlavaStateDictAdapter(ShardedAdapter):
                     full[key] = _pad_rows(full[key], self.model.language.vocab_size, key)
         unknown = set(sources) - {"vision", "llm"}
         if unknown:
-            raise ValueError(f"LLaVA loads stand-alone HF checkpoints for 'vision' and 'llm' only, not {sorted(unknown)}")
+            raise ValueError(f"{self.family} loads stand-alone HF checkpoints for 'vision' and 'llm' only, not "
+                             f"{sorted(unknown)}")
         return self.plan.shard(full, tp_rank, pp_rank)
 
     def unused_hf_keys(self, hf: dict) -> list[str]:

@@ -15,7 +15,7 @@ from megavlm.config.model import ConnectorConfig, ModelConfig
 from megavlm.models.common import hf_blocks
 from megavlm.models.common.hf_io import renamed
 from megavlm.models.common.prefix_lm import prefix_length
-from megavlm.models.llava.state_dict_adapter import LlavaStateDictAdapter, _pad_rows
+from megavlm.models.llava.state_dict_adapter import LlavaStateDictAdapter
 
 VISION, PROJECTOR = "model.vision_tower.", "model.multi_modal_projector."
 LLM, HEAD = "model.language_model.", "lm_head.weight"
@@ -36,6 +36,7 @@ def normalize_hf_names(hf: dict) -> dict:
 
 
 class PaliGemmaStateDictAdapter(LlavaStateDictAdapter):
+    family = "PaliGemma"
     hf_decoder_layers = LLM + "layers"
 
     def hf_to_full(self, hf: dict) -> dict:
@@ -54,27 +55,6 @@ class PaliGemmaStateDictAdapter(LlavaStateDictAdapter):
             hf[f"{PROJECTOR}linear.{p}"] = full[f"connector.linear_fc1.{p}"]
         hf_blocks.llama_to_hf(full, "language_model.", hf, LLM, HEAD, self.model.language)
         return hf
-
-    def components_to_megavlm(self, sources: dict[str, dict], tp_rank: int = 0, pp_rank: int = 0) -> dict:
-        """Local state of the components taken from stand-alone HF models: ``vision`` from a SigLIP
-        checkpoint (its vision_model), ``llm`` from a Gemma checkpoint; the projector keeps its
-        initialisation. A vocabulary smaller than the model's (Gemma's 256000 vs PaliGemma's 257216
-        with its location and segmentation tokens) is padded with the mean embedding."""
-        unknown = set(sources) - {"vision", "llm"}
-        if unknown:
-            raise ValueError(f"PaliGemma loads stand-alone HF checkpoints for 'vision' and 'llm' only, not "
-                             f"{sorted(unknown)}")
-        full: dict = {}
-        if "vision" in sources:
-            siglip = {k[len("vision_model."):]: v for k, v in sources["vision"].items()
-                      if k.startswith("vision_model.")}
-            hf_blocks.siglip_vision_to_megavlm(siglip, "", full, "vision.", self.model.vision)
-        if "llm" in sources:
-            hf_blocks.llama_to_megavlm(sources["llm"], "model.", HEAD, full, "language_model.", self.model.language)
-            for key in ("language_model.embedding.word_embeddings.weight", "language_model.output_layer.weight"):
-                if key in full:
-                    full[key] = _pad_rows(full[key], self.model.language.vocab_size, key)
-        return self.plan.shard(full, tp_rank, pp_rank)
 
     def unused_hf_keys(self, hf: dict) -> list[str]:
         used = set(self.full_to_hf(self.hf_to_full(hf)))
